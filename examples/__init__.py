@@ -1,0 +1,1 @@
+"""Runnable demos of mono_quant on small real data sets."""

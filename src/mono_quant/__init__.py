@@ -1,0 +1,38 @@
+"""mono-quant: model-agnostic quantization for PyTorch, with PyTorch Lightning as its main face.
+
+Python entry points: :func:`quantize` (prepare, calibrate, convert in one call), the separate
+steps :func:`prepare`, :func:`calibrate` and :func:`convert`, and :func:`compare` for a
+torchmetrics comparison of the float and the quantized model. The Lightning callback lives in
+:mod:`mono_quant.lightning`.
+"""
+
+from mono_quant.config import PRESETS, QuantConfig
+from mono_quant.evaluate import ComparisonReport, compare, model_size_bytes, sqnr_db
+from mono_quant.transform import (
+    LayerReport,
+    QuantizationReport,
+    calibrate,
+    convert,
+    prepare,
+    quantization_report,
+    quantize,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "ComparisonReport",
+    "LayerReport",
+    "QuantConfig",
+    "QuantizationReport",
+    "__version__",
+    "calibrate",
+    "compare",
+    "convert",
+    "model_size_bytes",
+    "prepare",
+    "quantization_report",
+    "quantize",
+    "sqnr_db",
+]

@@ -1,0 +1,209 @@
+"""``QuantConfig``: one frozen object that says how a model is quantized, plus named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from mono_quant.core.observers import OBSERVERS
+from mono_quant.core.spec import MAX_BITS, MIN_BITS, QuantSpec
+
+DEFAULT_GROUP_SIZE = 32
+FLOAT_DTYPES = ("float16", "bfloat16")
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ACTIVATIONS = ("static", "dynamic")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "w8a8": {"bits": 8, "activations": "static", "granularity": "per_channel"},
+    "w8a8-dynamic": {"bits": 8, "activations": "dynamic", "granularity": "per_channel"},
+    "w8": {"bits": 8, "activations": None, "granularity": "per_channel"},
+    "w4": {"bits": 4, "activations": None, "granularity": "per_group"},
+    "fp16": {"bits": 16, "dtype": "float16", "activations": None},
+    "bf16": {"bits": 16, "dtype": "bfloat16", "activations": None},
+}
+
+
+def _check_patterns(field: str, patterns: Any) -> tuple[str, ...] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    patterns = tuple(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(
+                f"{field} must be a list of non-empty strings (name globs or class names), got "
+                f"{pattern!r} in it."
+            )
+    return patterns
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model. Field names match ``QuantizeCallback``'s arguments.
+
+    ``"auto"`` values are resolved from ``bits`` when the config is built: 8 bits gives int8
+    per-channel weights with static int8 activations (W8A8); fewer bits give weight-only
+    per-group weights with ``group_size`` 32; 16 bits gives a float16 cast.
+
+    Args:
+        bits: weight width: 2 to 8 for integers, 16 for a float16/bfloat16 cast.
+        activations: ``"static"`` (calibrated int8), ``"dynamic"`` (int8 computed per token at
+            run time), ``None`` (weight-only) or ``"auto"``.
+        granularity: weight granularity: ``"per_tensor"``, ``"per_channel"`` (output channels),
+            ``"per_group"`` or ``"auto"``.
+        group_size: weights per group for ``"per_group"``. A row whose length is not a multiple
+            of it gets a shorter last group.
+        symmetric: symmetric weights (zero_point 0) or affine. Activations are always affine.
+        observer: how static activation ranges are recorded during calibration: ``"minmax"``,
+            ``"moving_average"``, ``"percentile"`` or ``"mse"``.
+        weight_observer: how weight ranges are chosen, from the same names.
+        dtype: ``"int"``, ``"float16"``, ``"bfloat16"`` or ``"auto"`` (``int`` unless bits is 16).
+        include: quantize only layers whose qualified name matches one of these globs or whose
+            class name equals one of them; ``None`` selects every supported layer.
+        exclude: leave in float the layers that match one of these globs or class names.
+    """
+
+    bits: int = 8
+    activations: Literal["auto", "static", "dynamic"] | None = "auto"
+    granularity: Literal["auto", "per_tensor", "per_channel", "per_group"] = "auto"
+    group_size: int | None = None
+    symmetric: bool = True
+    observer: str = "minmax"
+    weight_observer: str = "minmax"
+    dtype: Literal["auto", "int", "float16", "bfloat16"] = "auto"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self._set("include", _check_patterns("include", self.include))
+        self._set("exclude", _check_patterns("exclude", self.exclude))
+        self._resolve_dtype()
+        self._resolve_activations()
+        self._resolve_granularity()
+        for field in ("observer", "weight_observer"):
+            if getattr(self, field) not in OBSERVERS:
+                raise ValueError(
+                    f"{field}={getattr(self, field)!r} is not a known observer; use one of "
+                    f"{sorted(OBSERVERS)}."
+                )
+
+    def _set(self, field: str, value: Any) -> None:
+        object.__setattr__(self, field, value)
+
+    def _resolve_dtype(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise TypeError(f"bits must be an int, got {self.bits!r}.")
+        if self.dtype == "auto":
+            self._set("dtype", "float16" if self.bits == 16 else "int")
+        if self.dtype not in ("int", *FLOAT_DTYPES):
+            raise ValueError(
+                f"dtype={self.dtype!r} is not one of 'int', 'float16', 'bfloat16' or 'auto'."
+            )
+        if self.dtype == "int" and not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(
+                f"bits={self.bits} is not supported; use {MIN_BITS} to {MAX_BITS} for integer "
+                "weights or 16 for a float16/bfloat16 cast."
+            )
+        if self.dtype in FLOAT_DTYPES and self.bits != 16:
+            raise ValueError(f"dtype={self.dtype!r} stores 16-bit weights; set bits=16.")
+
+    def _resolve_activations(self) -> None:
+        if self.activations == "auto":
+            self._set("activations", "static" if self.bits == 8 and self.is_integer else None)
+        if self.activations is not None and self.activations not in ACTIVATIONS:
+            raise ValueError(
+                f"activations={self.activations!r} is not one of 'static', 'dynamic', None or "
+                "'auto'."
+            )
+        if self.activations is not None and not self.is_integer:
+            raise ValueError(
+                f"activations={self.activations!r} needs integer weights, but dtype is "
+                f"{self.dtype!r}; use activations=None with a float cast."
+            )
+
+    def _resolve_granularity(self) -> None:
+        if self.granularity == "auto":
+            per_group = self.is_integer and self.bits < 8
+            self._set("granularity", "per_group" if per_group else "per_channel")
+        if self.granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(
+                f"granularity={self.granularity!r} is not one of {WEIGHT_GRANULARITIES} or 'auto'."
+            )
+        if self.granularity == "per_group" and self.group_size is None:
+            self._set("group_size", DEFAULT_GROUP_SIZE)
+        if self.group_size is not None:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+                raise TypeError(f"group_size must be an int, got {self.group_size!r}.")
+            if self.group_size <= 0:
+                raise ValueError(
+                    f"group_size={self.group_size} must be positive; typical values are 32, 64 "
+                    "or 128."
+                )
+            if self.granularity != "per_group":
+                raise ValueError(
+                    f"group_size={self.group_size} is only used with granularity='per_group', not "
+                    f"{self.granularity!r}; drop it or set granularity='per_group'."
+                )
+
+    @property
+    def is_integer(self) -> bool:
+        """True for integer weights, False for a float16/bfloat16 cast."""
+        return self.dtype == "int"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when static activation ranges must be recorded from data."""
+        return self.activations == "static"
+
+    def weight_spec(self) -> QuantSpec:
+        """Return the spec of the weights, with channels along axis 0 (output channels)."""
+        return QuantSpec(
+            bits=self.bits,
+            symmetric=self.symmetric,
+            granularity=self.granularity,  # type: ignore[arg-type]
+            axis=0,
+            group_size=self.group_size if self.granularity == "per_group" else None,
+        )
+
+    @property
+    def label(self) -> str:
+        """Short description such as ``"w8a8 static, per_channel"``."""
+        if not self.is_integer:
+            return self.dtype
+        activations = f"a8 {self.activations}" if self.activations else " weight-only"
+        group = f" {self.group_size}" if self.granularity == "per_group" else ""
+        return f"w{self.bits}{activations}, {self.granularity}{group}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as plain Python values (tuples as lists), for logs and files."""
+        values = asdict(self)
+        for field in ("include", "exclude"):
+            if values[field] is not None:
+                values[field] = list(values[field])
+        return values
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        """Return a copy with ``changes`` applied and validated."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> QuantConfig:
+        """Build the config of a preset name (see ``PRESETS``), with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; use one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def resolve_config(config: QuantConfig | str | None) -> QuantConfig:
+    """Return ``config`` as a ``QuantConfig``: a preset name is looked up, ``None`` means W8A8."""
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, str):
+        return QuantConfig.from_preset(config)
+    raise TypeError(
+        f"config must be a QuantConfig or a preset name {sorted(PRESETS)}, got "
+        f"{type(config).__name__}."
+    )

@@ -1,0 +1,1 @@
+"""Framework-free quantization core that uses plain torch and no Lightning."""

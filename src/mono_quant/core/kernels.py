@@ -1,0 +1,69 @@
+"""Fast matmul kernels from torch core, each behind a feature check with a reference fallback.
+
+The reference path dequantizes the weight into the activation dtype and calls ``F.linear``. A
+kernel is used only where it was measured to be faster than that path on CPU (torch 2.13, x86-64
+AVX2): ``aten._weight_int8pack_mm`` wins with bfloat16/float16 activations and few rows, and loses
+badly with float32 activations or many rows, so the dispatch below sends those to the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# Rows (tokens, batch items) up to which the int8 weight-only kernel beats dequantize + F.linear.
+# NOTE: measured on one 2-core x86-64 CPU; other machines may move the crossover.
+INT8PACK_MAX_ROWS = 32
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def has_int8pack_mm() -> bool:
+    """Return True when ``aten._weight_int8pack_mm`` exists and runs in this torch build."""
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return False
+    try:
+        x = torch.ones(1, 32, dtype=torch.bfloat16)
+        weight = torch.ones(8, 32, dtype=torch.int8)
+        torch.ops.aten._weight_int8pack_mm(x, weight, torch.ones(8, dtype=torch.bfloat16))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def int8pack_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Return True when the int8 weight-only kernel is the faster correct path for ``x``."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (
+        x.dtype in _HALF_DTYPES
+        and weight.dtype == torch.int8
+        and x.device == weight.device
+        and 0 < rows <= INT8PACK_MAX_ROWS
+        and has_int8pack_mm()
+    )
+
+
+def int8_weight_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Compute ``F.linear(x, weight * scale[:, None], bias)`` by dequantizing in ``x``'s dtype."""
+    dequantized = (weight.to(torch.float32) * scale.unsqueeze(1)).to(x.dtype)
+    return F.linear(x, dequantized, None if bias is None else bias.to(x.dtype))
+
+
+def int8_weight_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Compute a linear layer with symmetric per-channel int8 ``weight`` of shape (out, in).
+
+    Uses ``aten._weight_int8pack_mm`` when :func:`int8pack_applies`, otherwise the reference.
+    """
+    if not int8pack_applies(x, weight):
+        return int8_weight_linear_reference(x, weight, scale, bias)
+
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), weight, scale.to(x.dtype))
+    out = out.reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias.to(x.dtype)

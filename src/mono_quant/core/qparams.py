@@ -1,0 +1,70 @@
+"""Choose ``scale`` and ``zero_point`` from observed ranges."""
+
+from __future__ import annotations
+
+import torch
+
+from mono_quant.core.layout import to_blocks
+from mono_quant.core.spec import QuantSpec
+
+# Smallest scale handed out. A block that is all zeros gets this scale, so dividing by it is
+# finite and the block still quantizes to exactly zero.
+MIN_SCALE = torch.finfo(torch.float32).eps
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise ``ValueError`` when ``x`` contains NaN or infinity; ``what`` names the tensor."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        nan_count = int(torch.isnan(x).sum())
+        inf_count = int(torch.isinf(x).sum())
+        raise ValueError(
+            f"{what} contains {nan_count} NaN and {inf_count} infinite values; quantization "
+            "ranges need finite data. Check the inputs and the layers before this one."
+        )
+
+
+def min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the per-block minimum and maximum of ``x`` in float32, shaped like the qparams."""
+    blocks = to_blocks(x.detach(), spec).float()
+    if blocks.shape[-1] == 0:
+        zeros = torch.zeros(blocks.shape[:-1], dtype=torch.float32, device=x.device)
+        return zeros, zeros.clone()
+    return torch.aminmax(blocks, dim=-1)
+
+
+def choose_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(scale, zero_point)`` that map ``[min_val, max_val]`` onto the spec's grid.
+
+    The range is first widened to include 0 so that zero is exactly representable, then
+
+    * symmetric: ``scale = max(-min, max) / ((quant_max - quant_min) / 2)``, ``zero_point = 0``
+    * affine: ``scale = (max - min) / (quant_max - quant_min)``,
+      ``zero_point = quant_min - round(min / scale)`` clamped to the grid.
+
+    ``scale`` is float32 and at least ``MIN_SCALE``, so constant and all-zero blocks get a finite,
+    positive scale. ``zero_point`` is int32. Both have the shape of ``min_val``.
+    """
+    if min_val.shape != max_val.shape:
+        raise ValueError(
+            f"min_val shape {tuple(min_val.shape)} and max_val shape {tuple(max_val.shape)} differ."
+        )
+    check_finite(min_val, "min_val")
+    check_finite(max_val, "max_val")
+
+    min_neg = torch.clamp(min_val.float(), max=0.0)
+    max_pos = torch.clamp(max_val.float(), min=0.0)
+    levels = float(spec.quant_max - spec.quant_min)
+
+    if spec.symmetric:
+        # Dividing before combining keeps ranges near float32's limit from overflowing to inf.
+        scale = torch.maximum(-min_neg, max_pos) / (levels / 2)
+        scale = torch.clamp(scale, min=MIN_SCALE)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    scale = max_pos / levels - min_neg / levels
+    scale = torch.clamp(scale, min=MIN_SCALE)
+    zero_point = spec.quant_min - torch.round(min_neg / scale)
+    zero_point = torch.clamp(zero_point, spec.quant_min, spec.quant_max).to(torch.int32)
+    return scale, zero_point

@@ -1,0 +1,5 @@
+"""Saving quantized models."""
+
+from mono_quant.io.save import ARTIFACT_FORMAT, ARTIFACT_VERSION, save
+
+__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "save"]

@@ -1,0 +1,5 @@
+"""PyTorch Lightning integration."""
+
+from mono_quant.lightning.callback import QuantizeCallback
+
+__all__ = ["QuantizeCallback"]

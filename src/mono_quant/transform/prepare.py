@@ -1,0 +1,55 @@
+"""``prepare``: choose the layers to quantize and attach activation observers."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from torch import nn
+
+from mono_quant.config import QuantConfig, resolve_config
+from mono_quant.core.observers import make_observer
+from mono_quant.nn.activation import STATIC_SPEC
+from mono_quant.nn.observed import ObservedLayer
+from mono_quant.transform.select import select_layers
+from mono_quant.transform.state import QuantizationState, get_state, replace_module, set_state
+
+log = logging.getLogger(__name__)
+
+
+def prepare(
+    model: nn.Module, config: QuantConfig | str | None = None, inplace: bool = False
+) -> nn.Module:
+    """Return ``model`` ready for calibration and ``convert``.
+
+    Selects layers by ``config.include``/``config.exclude`` and, for static activations, wraps
+    each selected layer in an :class:`ObservedLayer` that records its input range. The model is
+    deep-copied first unless ``inplace`` is True.
+
+    Raises:
+        ValueError: when the model was already prepared or converted.
+    """
+    config = resolve_config(config)
+    if get_state(model) is not None:
+        raise ValueError(
+            f"{type(model).__name__} was already prepared by mono_quant; pass the float model, "
+            "or call convert on this one."
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    decisions = select_layers(model, config.include, config.exclude)
+    selected = [decision for decision in decisions if decision.quantize]
+    if not selected:
+        log.warning("No layer of %s was selected for quantization.", type(model).__name__)
+
+    if config.needs_calibration:
+        for decision in selected:
+            observer = make_observer(config.observer, STATIC_SPEC)
+            layer = model.get_submodule(decision.name)
+            model = replace_module(
+                model, decision.name, ObservedLayer(layer, observer, decision.name)
+            )
+
+    set_state(model, QuantizationState(config=config, decisions=decisions))
+    return model

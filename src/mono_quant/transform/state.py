@@ -1,0 +1,54 @@
+"""Quantization state that travels with a prepared or converted model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from mono_quant.config import QuantConfig
+from mono_quant.transform.report import QuantizationReport
+from mono_quant.transform.select import LayerDecision
+
+STATE_ATTRIBUTE = "_mono_quant_state"
+
+
+@dataclass
+class QuantizationState:
+    """The config, the layer decisions of ``prepare`` and, after ``convert``, its report."""
+
+    config: QuantConfig
+    decisions: list[LayerDecision]
+    report: QuantizationReport | None = None
+
+
+def get_state(model: nn.Module) -> QuantizationState | None:
+    """Return the state stored on ``model`` by ``prepare``, or ``None``."""
+    return getattr(model, STATE_ATTRIBUTE, None)
+
+
+def set_state(model: nn.Module, state: QuantizationState) -> None:
+    """Store ``state`` on ``model`` as a plain attribute (not in ``state_dict``)."""
+    # object.__setattr__ keeps nn.Module from treating the dataclass as a submodule or buffer.
+    object.__setattr__(model, STATE_ATTRIBUTE, state)
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at qualified ``name`` in ``root``; return the root, or ``new`` for name ""."""
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+    return root
+
+
+def quantization_report(model: nn.Module) -> QuantizationReport:
+    """Return the per-layer report of a model produced by ``convert`` or ``quantize``."""
+    state = get_state(model)
+    if state is None or state.report is None:
+        raise ValueError(
+            f"{type(model).__name__} has no quantization report; pass a model returned by "
+            "mono_quant.quantize or mono_quant.convert."
+        )
+    return state.report
