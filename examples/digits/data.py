@@ -21,7 +21,7 @@ class DigitsDataModule(L.LightningDataModule):
         batch_size: Number of samples per batch.
         val_fraction: Fraction of the samples held out for validation, in (0, 1).
         seed: Seed for the stratified split and for the training-loader shuffle order.
-        num_workers: Worker processes per DataLoader; 0 loads in the main process.
+        num_workers: Worker processes per DataLoader. 0 loads batches in the main process.
     """
 
     def __init__(
@@ -33,14 +33,16 @@ class DigitsDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+            raise ValueError(
+                f"batch_size must be a positive integer, got {batch_size}. Pass a value such as 64."
+            )
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(
-                f"val_fraction must lie strictly between 0 and 1, got {val_fraction}; "
-                "pass a value such as 0.2."
+                f"val_fraction must lie strictly between 0 and 1, got {val_fraction}. "
+                "Pass a value such as 0.2."
             )
         if num_workers < 0:
-            raise ValueError(f"num_workers must be 0 or positive, got {num_workers}.")
+            raise ValueError(f"num_workers must be 0 or a positive integer, got {num_workers}.")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.val_fraction = val_fraction
@@ -105,7 +107,7 @@ class DigitsDataModule(L.LightningDataModule):
     def _require(dataset: TensorDataset | None) -> TensorDataset:
         if dataset is None:
             raise RuntimeError(
-                "DigitsDataModule has no data yet; call setup() first or pass the data module "
-                "to a Trainer, which calls it."
+                "DigitsDataModule has no data yet. Call setup() first, or pass the data module "
+                "to a Trainer, which calls setup() itself."
             )
         return dataset

@@ -17,12 +17,12 @@ class DigitsCNN(L.LightningModule):
     replace each Conv2d and Linear in place.
 
     Args:
-        channels: Output channels of the first conv layer; the second has twice as many.
+        channels: Output channels of the first conv layer. The second conv layer has twice as many.
         hidden: Width of the hidden linear layer.
         lr: Learning rate for Adam.
     """
 
-    def __init__(self, channels: int = 16, hidden: int = 128, lr: float = 2e-3) -> None:
+    def __init__(self, channels: int = 16, hidden: int = 128, lr: float = 3e-3) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(

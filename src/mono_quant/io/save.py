@@ -35,8 +35,8 @@ def save(
     payload = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION,
-        "mono_quant_version": __version__,
-        "torch_version": torch.__version__,
+        "mono_quant_version": str(__version__),
+        "torch_version": str(torch.__version__),
         "config": report.config,
         "layers": report.to_dict()["layers"],
         "metadata": metadata or {},
