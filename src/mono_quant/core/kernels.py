@@ -41,6 +41,8 @@ def int8pack_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.int8
         and x.device == weight.device
         and 0 < rows <= INT8PACK_MAX_ROWS
+        # The AVX-512 kernel reads 16 features per step with aligned loads and no tail loop.
+        and x.shape[-1] % 16 == 0
         and has_int8pack_mm()
     )
 

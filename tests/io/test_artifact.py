@@ -1,0 +1,77 @@
+"""Saving quantized models and reading them back without unpickling code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mono_quant as mq
+from mono_quant.io import read_artifact, save
+
+
+@pytest.fixture
+def quantized() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.LayerNorm(32), nn.Linear(32, 4))
+    return mq.quantize(model, "w4")
+
+
+def test_save_then_read_round_trip(quantized: nn.Module, tmp_path) -> None:
+    path = save(quantized, tmp_path / "model.pt", metadata={"run": "unit"})
+
+    artifact = read_artifact(path)
+
+    assert artifact["format_version"] == 1
+    assert artifact["config"]["bits"] == 4
+    assert artifact["metadata"] == {"run": "unit"}
+    assert [layer["name"] for layer in artifact["layers"]] == ["0", "2", "3"]
+    for key, tensor in quantized.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(artifact["state_dict"][key], tensor), key
+
+
+def test_save_float_model_raises(tmp_path) -> None:
+    with pytest.raises(ValueError, match="has no quantization report"):
+        save(nn.Linear(4, 4), tmp_path / "float.pt")
+
+
+def test_read_plain_state_dict_raises(tmp_path) -> None:
+    torch.save(nn.Linear(4, 4).state_dict(), tmp_path / "plain.pt")
+
+    with pytest.raises(ValueError, match="is not a mono-quant file"):
+        read_artifact(tmp_path / "plain.pt")
+
+
+def test_read_truncated_file_raises(quantized: nn.Module, tmp_path) -> None:
+    path = save(quantized, tmp_path / "model.pt")
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:200])
+
+    with pytest.raises(ValueError, match="truncated"):
+        read_artifact(tmp_path / "cut.pt")
+
+
+def test_read_newer_format_raises(quantized: nn.Module, tmp_path) -> None:
+    path = save(quantized, tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, path)
+
+    with pytest.raises(ValueError, match="format_version 99, newer"):
+        read_artifact(path)
+
+
+class ArbitraryObject:
+    """A class that a weights-only load must refuse to rebuild."""
+
+
+def test_read_never_unpickles_objects(tmp_path) -> None:
+    torch.save({"format": "mono-quant", "object": ArbitraryObject()}, tmp_path / "evil.pt")
+
+    with pytest.raises(ValueError, match="UnpicklingError"):
+        read_artifact(tmp_path / "evil.pt")
+
+
+def test_read_missing_file_raises(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no mono-quant file"):
+        read_artifact(tmp_path / "missing.pt")
