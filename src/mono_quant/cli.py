@@ -10,6 +10,7 @@ from rich.table import Table
 
 from mono_quant.config import PRESETS, QuantConfig
 from mono_quant.io import read_artifact
+from mono_quant.transform.report import LayerReport, QuantizationReport
 
 
 def presets() -> None:
@@ -39,17 +40,10 @@ def inspect(path: str) -> None:
         f"{path}: format_version {artifact['format_version']}, written by mono_quant "
         f"{artifact['mono_quant_version']} with torch {artifact['torch_version']}"
     )
-    table = Table(title="layers")
-    for column in ("layer", "type", "format", "weight bytes", "note"):
-        table.add_column(column)
-    for layer in artifact["layers"]:
-        size = (
-            f"{layer['float_bytes']} -> {layer['quantized_bytes']}" if layer["quantized"] else "-"
-        )
-        table.add_row(
-            layer["name"] or "(root)", layer["type_name"], layer["format"], size, layer["reason"]
-        )
-    console.print(table)
+    report = QuantizationReport(
+        config=artifact["config"], layers=[LayerReport(**row) for row in artifact["layers"]]
+    )
+    console.print(report.table())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Observers: record the range of the tensors a layer sees and turn it into qparams.
+"""Observers: record the range of the tensors passed through a layer and turn it into qparams.
 
 An observer is a ``torch.nn.Module`` that is called on a tensor during calibration, returns the
 tensor unchanged and updates its state (running ranges, a histogram) in buffers, so the state
@@ -62,8 +62,8 @@ class Observer(torch.nn.Module):
     they start with shape ``(0,)`` and are resized then, and loading a ``state_dict`` resizes them
     to the incoming shapes.
 
-    NOTE: floating-point buffers stay float32 under ``.to(dtype)``, ``.half()`` or ``.double()``;
-    only their device follows the module. Ranges and counts lose precision in float16, and
+    Floating-point buffers stay float32 under ``.to(dtype)``, ``.half()`` or ``.double()``, and
+    only their device follows the module, because ranges would lose precision in float16. The
     qparams are float32 whatever the model's dtype.
 
     Args:
@@ -141,13 +141,13 @@ class Observer(torch.nn.Module):
     def sync(self, group: Any = None) -> None:
         """Reduce the state across the ranks of ``group``; do nothing when not distributed.
 
-        Afterwards every rank holds the state that one observer would have after seeing the
-        data of all ranks (exactly for min/max ranges; see each subclass for its approximation).
-        Every rank of the group must call this, and every rank must have observed at least one
-        tensor of the same qparams shape; otherwise every rank raises ``ValueError``.
+        Afterwards every rank has the state that one observer would have after seeing the data
+        of all ranks. This is exact for min/max ranges, and each subclass documents its
+        approximation. Every rank of the group must call this, and every rank must have observed
+        at least one tensor of the same qparams shape, or else every rank raises ``ValueError``.
 
-        NOTE: call it once per calibration. A second call adds ``num_observed`` (and, for the
-        percentile observer, the histogram counts) of all ranks again.
+        Call it once per calibration, because a second call adds ``num_observed`` (and the
+        percentile observer's histogram counts) of all ranks again.
         """
         if not _distributed():
             return
@@ -380,8 +380,8 @@ class PercentileObserver(Observer):
     The observer keeps, per block, the running min/max and a histogram of ``bins`` equal bins
     over that range (int64 counts, buffer ``histogram`` of shape ``(*qparams_shape, bins)``).
     The clipping range is the ``100 - percentile`` and ``percentile`` percentiles, interpolated
-    linearly inside a bin, so it is accurate to about one bin width ``(max - min) / bins``. It
-    works for tensors of any size because it never sorts the whole tensor.
+    linearly inside a bin. Each lies within one bin width ``(max - min) / bins`` of the observed
+    values next to its rank. It works for tensors of any size because it never sorts them.
 
     Use it for activations with rare outliers: at ``percentile=99.99`` the top 0.01 % of values
     are clipped, so they no longer set the scale for all other values. ``percentile=100`` gives
@@ -391,9 +391,9 @@ class PercentileObserver(Observer):
     weights get expensive (a 4096 x 4096 weight with group_size 128 and 2048 bins needs 2 GiB);
     lower ``bins`` or use :class:`MSEObserver` for weights.
 
-    NOTE: the resolution is one bin of the whole observed range. One extreme outlier widens every
-    bin, so with an outlier 1000x the typical magnitude the percentile is only known to within
-    about ``outlier / bins``; raise ``bins`` if that is too coarse.
+    The resolution is one bin of the whole observed range, so one extreme outlier widens every
+    bin. With an outlier 1000 times the typical magnitude, the percentile is only known to about
+    ``outlier / bins``. Raise ``bins`` if that is too coarse.
 
     Args:
         spec: quantization spec.
@@ -411,7 +411,7 @@ class PercentileObserver(Observer):
         # Below 50 the lower percentile would exceed the upper one.
         if not 50.0 <= percentile <= 100.0:
             raise ValueError(
-                f"percentile={percentile} is outside [50, 100]; it is the upper percentile and "
+                f"percentile={percentile} is outside [50, 100]. It is the upper percentile, and "
                 "the lower one is 100 - percentile. Typical values are 99.9 to 99.999."
             )
         self.percentile = float(percentile)
@@ -551,8 +551,8 @@ class MSEObserver(Observer):
     resolution for the bulk of the values. For a tensor observed once, the result is the exact
     MSE-optimal candidate, so its error is never above :class:`MinMaxObserver`'s (ratio 1).
 
-    NOTE: each observed tensor costs ``num_candidates`` fake-quantization passes over it, so this
-    observer is meant for weights and a few calibration batches, not long activation streams.
+    Each observed tensor costs ``num_candidates`` fake-quantization passes over it, so this
+    observer suits weights and a few calibration batches, not long activation streams.
 
     Args:
         spec: quantization spec.
