@@ -1,11 +1,10 @@
 """Provide a LightningDataModule over scikit-learn's 8x8 handwritten digits."""
 
+import lightning as L
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning as L
 
 # load_digits stores pixel intensities as integers in 0..16.
 MAX_PIXEL_VALUE = 16.0

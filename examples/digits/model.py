@@ -1,11 +1,10 @@
 """Provide a small CNN classifier for the 8x8 digits."""
 
+import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
-
-import lightning as L
 
 NUM_CLASSES = 10
 

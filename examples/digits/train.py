@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m examples.digits.train            # 10 epochs, about 2 s of training on 2 CPU cores
+    python -m examples.digits.train            # 10 epochs, about 10 s in all on 2 CPU cores
     python -m examples.digits.train --fast     # 1 epoch, for smoke runs
 
 Each callback prints its float-versus-quantized table when fit ends and saves its quantized
@@ -12,18 +12,17 @@ model under ``<output-dir>/<preset>``. This script then prints one summary line 
 import argparse
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
 
-import lightning as L
 from examples.digits.data import DigitsDataModule
 from examples.digits.model import DigitsCNN
 from mono_quant.lightning import QuantizeCallback
 
 # Preset name -> QuantizeCallback arguments. The int4 preset uses per_group scales with
-# group_size 32, which divides the input width of both linear layers (512 and 128).
-# NOTE: 32 does not divide the 9 and 144 inputs per output channel of the conv layers, so how
-# those layers are quantized depends on how QuantizeCallback treats such layers.
+# group_size 32, which divides the input width of both linear layers (512 and 128). The conv
+# layers have 9 and 144 inputs per output channel, so their last group is shorter than 32.
 PRESETS: dict[str, dict[str, int]] = {
     "int8": {"bits": 8},
     "int4-g32": {"bits": 4, "group_size": 32},
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             f"[bold]{name}[/bold]: "
             f"float acc {format_metric(summary.get('float/accuracy'))}, "
             f"quantized acc {format_metric(summary.get('quantized/accuracy'))}, "
-            f"size ratio {format_metric(summary.get('size/ratio'), digits=2)}"
+            f"size quantized/float {format_metric(summary.get('size/ratio'), digits=3)}"
         )
 
 

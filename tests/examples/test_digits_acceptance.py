@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 
-import lightning as L
 from examples.digits.data import DigitsDataModule
 from examples.digits.model import DigitsCNN
 from mono_quant.lightning import QuantizeCallback

@@ -4,10 +4,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
-
-import lightning as L
 
 # The demo lives in the top-level `examples` package, outside src/, so it is importable only
 # when the repository root is on sys.path. `python -m pytest` adds the working directory to

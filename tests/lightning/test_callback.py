@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,6 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-import lightning as L
 from examples.digits.data import DigitsDataModule
 from mono_quant.lightning import QuantizeCallback
 from mono_quant.nn import QuantizedLayer
