@@ -17,6 +17,8 @@ import torch.nn.functional as F
 # NOTE: measured on one 2-core x86-64 CPU; other machines may move the crossover.
 INT8PACK_MAX_ROWS = 32
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
+# Byte alignment of fresh CPU allocations in torch, which the kernel's vector loads rely on.
+_KERNEL_ALIGNMENT = 64
 
 
 @functools.cache
@@ -65,7 +67,11 @@ def int8_weight_linear(
     if not int8pack_applies(x, weight):
         return int8_weight_linear_reference(x, weight, scale, bias)
 
-    rows = x.reshape(-1, x.shape[-1])
-    out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), weight, scale.to(x.dtype))
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    if rows.data_ptr() % _KERNEL_ALIGNMENT:
+        # The AVX-512 kernel reads rows with aligned loads and crashes on a view that starts
+        # inside a larger buffer, so such inputs are copied into a fresh allocation.
+        rows = rows.clone()
+    out = torch.ops.aten._weight_int8pack_mm(rows, weight, scale.to(x.dtype))
     out = out.reshape(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias.to(x.dtype)

@@ -60,11 +60,19 @@ def choose_qparams(
     if spec.symmetric:
         # Dividing before combining keeps ranges near float32's limit from overflowing to inf.
         scale = torch.maximum(-min_neg, max_pos) / (levels / 2)
-        scale = torch.clamp(scale, min=MIN_SCALE)
+        # quant_min * scale reaches past -max(|min|, max); near the float32 limit that end of
+        # the grid would dequantize to -inf, so the scale is capped to keep it finite.
+        largest = torch.finfo(torch.float32).max / -spec.quant_min
+        scale = torch.clamp(scale, min=MIN_SCALE, max=largest)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
 
     scale = max_pos / levels - min_neg / levels
     scale = torch.clamp(scale, min=MIN_SCALE)
     zero_point = spec.quant_min - torch.round(min_neg / scale)
-    zero_point = torch.clamp(zero_point, spec.quant_min, spec.quant_max).to(torch.int32)
-    return scale, zero_point
+    zero_point = torch.clamp(zero_point, spec.quant_min, spec.quant_max)
+
+    # Rounding the zero_point can push one end of the grid half a step past the range; near the
+    # float32 limit that end would dequantize to inf, so the scale is capped to keep it finite.
+    widest = torch.maximum(zero_point - spec.quant_min, spec.quant_max - zero_point)
+    scale = torch.minimum(scale, torch.finfo(torch.float32).max / widest.clamp(min=1))
+    return scale, zero_point.to(torch.int32)

@@ -138,6 +138,14 @@ class QuantizedLayer(nn.Module):
             "activations": self.activations,
         }
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # Check the layout before torch copies any buffer, so a rejected state leaves the layer
+        # unchanged (torch calls set_extra_state only after the buffers are copied).
+        layout = state_dict.get(prefix + "_extra_state")
+        if isinstance(layout, dict):
+            self.set_extra_state(layout)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Check that a loaded layout matches this layer's; raise ``ValueError`` otherwise."""
         version = state.get("format_version")
