@@ -71,7 +71,7 @@ def choose_qparams(
     zero_point = spec.quant_min - torch.round(min_neg / scale)
     zero_point = torch.clamp(zero_point, spec.quant_min, spec.quant_max)
 
-    # Rounding the zero_point can push one end of the grid half a step past the range; near the
+    # Rounding the zero_point can push one end of the grid half a step past the range. Near the
     # float32 limit that end would dequantize to inf, so the scale is capped to keep it finite.
     widest = torch.maximum(zero_point - spec.quant_min, spec.quant_max - zero_point)
     scale = torch.minimum(scale, torch.finfo(torch.float32).max / widest.clamp(min=1))

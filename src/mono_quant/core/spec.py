@@ -13,8 +13,8 @@ per_group     ``group_size`` consecutive elements of a row, where ``(x.shape[0],
 per_token     row of the last dimension (dynamic activations)     ``x.shape[:-1]``
 ============  =================================================  ============================
 
-For per_group, a row whose length is not a multiple of ``group_size`` gets a shorter last group;
-the zero padding used to compute it is never stored.
+For per_group, a row whose length is not a multiple of ``group_size`` gets a shorter last group.
+The zero padding used to compute that group is never stored.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ def save(
     """Save a quantized model's ``state_dict`` with a header describing how it was quantized.
 
     The file contains only tensors and plain Python values, so ``torch.load(path,
-    weights_only=True)`` reads it. The header holds the format name and version, the package
+    weights_only=True)`` reads it. The header contains the format name and version, the package
     version, the config and the per-layer report. ``metadata`` adds plain values of your own.
 
     Raises:

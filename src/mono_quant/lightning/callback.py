@@ -36,9 +36,9 @@ class QuantizeCallback(Callback):
     """Quantize the trained model at the end of ``fit`` and compare it with the float model.
 
     At fit end the callback calibrates a copy of the LightningModule on training batches (eval
-    mode, no gradients), converts it, compares float and quantized outputs on the validation
-    dataloader with torchmetrics, logs the figures under ``quant/`` to the trainer's loggers,
-    prints one table on rank zero and saves the quantized model. The float model stays the
+    mode, no gradients) and converts it. It then compares float and quantized outputs on the
+    validation dataloader with torchmetrics, logs the figures under ``quant/`` to the trainer's
+    loggers, prints one table on rank zero and saves the quantized model. The float model stays the
     trainer's model, so ``trainer.test``, checkpoints and a second ``fit`` are unaffected.
 
     After fit, ``quantized_model`` holds the quantized LightningModule, ``report`` the

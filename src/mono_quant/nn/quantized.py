@@ -37,7 +37,7 @@ def container_bits(bits: int) -> int:
 
 
 class QuantizedLayer(nn.Module):
-    """Base class: stores a quantized weight and quantizes inputs as its activation mode says.
+    """Base class that stores a quantized weight and quantizes inputs per its activation mode.
 
     Subclasses implement ``forward`` with :meth:`dequantized_weight` as the reference path.
     ``weight_qparams`` come from a weight observer; without them the weight's min/max is used.

@@ -23,7 +23,7 @@ def calibrate(
 
     Batches are ``(input, target)`` pairs, bare inputs or mappings (see ``split_batch``); only
     the input is used, as ``model(input)``. With ``sync`` and ``torch.distributed`` initialized,
-    observer ranges are then combined across ranks so every rank holds the same ranges.
+    observer ranges are then combined across ranks so every rank ends with the same ranges.
 
     Raises:
         ValueError: when the model was not prepared, ``max_batches`` is not positive, or

@@ -12,7 +12,7 @@ from rich.table import Table
 
 @dataclass
 class LayerReport:
-    """What happened to one layer: quantized with a format, or kept in float with a reason."""
+    """Outcome for one layer: quantized with a format, or kept in float with a reason."""
 
     name: str
     type_name: str
