@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from rich.console import Console
@@ -68,18 +69,18 @@ class QuantizeCallback(Callback):
 
     def __init__(
         self,
-        bits: int = 8,
+        bits: Literal[2, 3, 4, 5, 6, 7, 8, 16] = 8,
         mode: Literal["ptq"] = "ptq",
         activations: Literal["auto", "static", "dynamic"] | None = "auto",
         granularity: Literal["auto", "per_tensor", "per_channel", "per_group"] = "auto",
-        group_size: int | None = None,
+        group_size: PositiveInt | None = None,
         symmetric: bool = True,
         observer: str = "minmax",
         weight_observer: str = "minmax",
         dtype: Literal["auto", "int", "float16", "bfloat16"] = "auto",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
-        calibration_batches: int = 32,
+        calibration_batches: PositiveInt = 32,
         metrics: Metric | MetricCollection | None = None,
         save_dir: str | None = None,
         save_model: bool = True,
