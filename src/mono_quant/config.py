@@ -127,8 +127,14 @@ class QuantConfig:
             per_group = self.is_integer and self.bits < 8
             self._set("granularity", "per_group" if per_group else "per_channel")
         if self.granularity not in WEIGHT_GRANULARITIES:
+            hint = (
+                " (per_token applies to dynamic activations only)"
+                if self.granularity == "per_token"
+                else ""
+            )
             raise ValueError(
-                f"granularity={self.granularity!r} is not one of {WEIGHT_GRANULARITIES} or 'auto'."
+                f"granularity={self.granularity!r} is not a weight granularity{hint}; use one of "
+                f"{WEIGHT_GRANULARITIES} or 'auto' (spelled with underscores)."
             )
         if self.granularity == "per_group" and self.group_size is None:
             self._set("group_size", DEFAULT_GROUP_SIZE)

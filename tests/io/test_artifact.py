@@ -75,3 +75,18 @@ def test_read_never_unpickles_objects(tmp_path) -> None:
 def test_read_missing_file_raises(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no mono-quant file"):
         read_artifact(tmp_path / "missing.pt")
+
+
+def test_read_directory_raises(tmp_path) -> None:
+    with pytest.raises(ValueError, match="is a directory"):
+        read_artifact(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content", [b"hello\n", b"a\n", b"", b"{}"], ids=["hello", "a", "empty", "json"]
+)
+def test_read_text_file_raises_value_error(tmp_path, content: bytes) -> None:
+    (tmp_path / "notes.txt").write_bytes(content)
+
+    with pytest.raises(ValueError, match="not a readable mono-quant file"):
+        read_artifact(tmp_path / "notes.txt")

@@ -169,6 +169,9 @@ def test_two_callbacks_with_different_configs(tmp_path: Path) -> None:
     assert int8.state_key != int4.state_key
     assert int8.quantized_model.net[1].weight_spec.bits == 8
     assert int4.quantized_model.net[1].weight_spec.bits == 4
+    logged = _logged_metrics(trainer)
+    assert "quant/w8a8-static-per-channel/quantized/accuracy" in logged
+    assert "quant/w4-weight-only-per-group-32/quantized/accuracy" in logged
 
 
 def test_mapping_batches(tmp_path: Path) -> None:
@@ -216,7 +219,7 @@ def test_verbose_callback_prints_table(tmp_path: Path, capsys) -> None:
     ("kwargs", "error", "message"),
     [
         ({"bits": 9}, ValueError, "bits=9 is not supported"),
-        ({"calibration_batches": 0}, ValueError, "calibration_batches=0 must be positive"),
+        ({"calibration_batches": 0}, ValueError, "calibration_batches=0 must be a positive number"),
         ({"metrics": "accuracy"}, TypeError, "torchmetrics Metric or MetricCollection"),
         ({"mode": "int8"}, ValueError, "mode='int8' is not supported"),
         ({"granularity": "per-channel"}, ValueError, "granularity='per-channel'"),

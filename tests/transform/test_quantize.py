@@ -121,12 +121,20 @@ def test_report_weight_bytes_match_buffers(model: MixedNet) -> None:
 
 
 def test_report_notes_short_last_group(model: MixedNet) -> None:
+    quantized = mq.quantize(model, mq.QuantConfig(bits=4, group_size=4))
+
+    rows = {row.name: row for row in mq.quantization_report(quantized).layers}
+
+    assert "rows of 9 weights are not a multiple of group_size 4" in rows["conv"].reason
+    assert rows["head.0"].reason == ""
+
+
+def test_report_notes_row_shorter_than_group(model: MixedNet) -> None:
     quantized = mq.quantize(model, mq.QuantConfig(bits=4, group_size=32))
 
     rows = {row.name: row for row in mq.quantization_report(quantized).layers}
 
-    assert "not a multiple of group_size 32" in rows["conv"].reason
-    assert rows["head.0"].reason == ""
+    assert "shorter than group_size 32, so each row is one group" in rows["conv"].reason
 
 
 @pytest.mark.parametrize(
@@ -225,7 +233,8 @@ def test_unsupported_bits_raise(bits: int) -> None:
     [
         ({"bits": 4, "group_size": -1}, "group_size=-1 must be positive"),
         ({"bits": 4, "group_size": 0}, "group_size=0 must be positive"),
-        ({"granularity": "per_chanel"}, "granularity='per_chanel' is not one of"),
+        ({"granularity": "per_chanel"}, "granularity='per_chanel' is not a weight granularity"),
+        ({"granularity": "per_token"}, "per_token applies to dynamic activations only"),
         ({"granularity": "per_channel", "group_size": 32}, "only used with granularity"),
         ({"observer": "histogram"}, "observer='histogram' is not a known observer"),
         ({"activations": "always"}, "activations='always' is not one of"),
@@ -296,3 +305,42 @@ def test_quantized_state_dict_loads_weights_only(model: MixedNet, tmp_path) -> N
 
     x = _batches(count=1)[0][0]
     assert torch.equal(rebuilt(x), quantized(x))
+
+
+def test_calibration_batches_zero_raises(model: MixedNet) -> None:
+    with pytest.raises(ValueError, match="calibration_batches=0 must be a positive number"):
+        mq.quantize(model, "w8a8", calibration_data=_batches(), calibration_batches=0)
+
+
+def test_wrong_shape_calibration_batch_names_batch(model: MixedNet) -> None:
+    data = _batches(count=2)
+    data[1] = (torch.randn(4, 3, 8, 8), data[1][1])
+
+    with pytest.raises(RuntimeError, match=r"calibration batch 1 failed in MixedNet\.forward"):
+        mq.quantize(model, "w8a8", calibration_data=data)
+
+
+def test_include_matching_nothing_warns(model: MixedNet) -> None:
+    config = mq.QuantConfig(bits=8, activations=None, include=["decoder.*"])
+
+    with pytest.warns(UserWarning, match=r"no layer of MixedNet was selected.*decoder"):
+        mq.quantize(model, config)
+
+
+def test_linear_subclass_stays_float_with_reason() -> None:
+    attention = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16)
+
+    quantized = mq.quantize(attention, "w8")
+
+    reasons = mq.quantization_report(quantized).summary()["float_layers"]
+    assert "subclasses Linear" in reasons["out_proj"]
+    assert torch.equal(quantized(x, x, x)[0], attention(x, x, x)[0])
+
+
+def test_load_other_layout_names_layer(model: MixedNet) -> None:
+    state = mq.quantize(model, "w4").state_dict()
+    target = mq.quantize(MixedNet().eval(), "w8")
+
+    with pytest.raises(ValueError, match=r"layer 'conv': .*bits: saved 4, layer 8"):
+        target.load_state_dict(state)

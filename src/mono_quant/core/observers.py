@@ -175,7 +175,7 @@ class Observer(torch.nn.Module):
 
     def _label(self) -> str:
         kind = type(self).__name__
-        return f"{kind} {self.name!r}" if self.name else f"an unnamed {kind}"
+        return f"{kind} for {self.name}" if self.name else f"an unnamed {kind}"
 
     def _store(self, name: str, value: torch.Tensor) -> None:
         """Write ``value`` into buffer ``name`` in place, keeping the buffer's device and dtype."""

@@ -90,7 +90,8 @@ class ComparisonReport:
         """Build a rich table with the columns figure, float, quantized and change."""
         table = Table(
             title=self.title,
-            caption=f"{self.num_samples} samples in {self.num_batches} batches",
+            caption=f"{self.num_samples} samples in {self.num_batches} "
+            f"{'batch' if self.num_batches == 1 else 'batches'}",
         )
         table.add_column("figure")
         table.add_column("float", justify="right")

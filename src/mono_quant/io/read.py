@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +23,15 @@ def read_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
             newer format version.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no mono-quant file at {path}: the path does not exist.")
     if not path.is_file():
-        raise FileNotFoundError(f"no mono-quant file at {path}.")
+        raise ValueError(f"{path} is a directory, not a mono-quant file; pass the .pt file inside.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as error:
+    except Exception as error:
+        # The weights-only unpickler raises many types on foreign bytes (KeyError, IndexError,
+        # UnpicklingError, RuntimeError for a broken zip), so any failure here means "not ours".
         # torch's own message suggests weights_only=False, which would run pickled code, so it
         # is not passed on.
         raise ValueError(

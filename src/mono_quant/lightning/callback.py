@@ -65,6 +65,9 @@ class QuantizeCallback(Callback):
         save_dir: folder for the quantized model file; default the trainer's ``log_dir``.
         save_model: write the quantized model file at fit end.
         verbose: print the comparison table on rank zero.
+
+    Figures are logged as ``quant/<name>``; with several ``QuantizeCallback`` in one trainer each
+    logs under ``quant/<config>/<name>``, for example ``quant/w4-weight-only-per-group-32/``.
     """
 
     def __init__(
@@ -92,7 +95,10 @@ class QuantizeCallback(Callback):
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int):
             raise TypeError(f"calibration_batches must be an int, got {calibration_batches!r}.")
         if calibration_batches <= 0:
-            raise ValueError(f"calibration_batches={calibration_batches} must be positive.")
+            raise ValueError(
+                f"calibration_batches={calibration_batches} must be a positive number of "
+                "training batches; the default is 32."
+            )
         if metrics is not None and not isinstance(metrics, (Metric, MetricCollection)):
             raise TypeError(
                 f"metrics must be a torchmetrics Metric or MetricCollection, got "
@@ -129,6 +135,10 @@ class QuantizeCallback(Callback):
     def state_key(self) -> str:
         # Several callbacks with different configs can sit in one Trainer.
         return self._generate_state_key(config=self.config.label)
+
+    @property
+    def _slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.config.label.lower()).strip("-")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -181,8 +191,12 @@ class QuantizeCallback(Callback):
     def _log_figures(self, trainer: pl.Trainer) -> None:
         assert self.report is not None and self.layer_report is not None
         figures = {**self.report.summary(), **self.layer_report.summary()}
+        prefix = "quant/"
+        if sum(isinstance(c, QuantizeCallback) for c in trainer.callbacks) > 1:
+            # Several quantize callbacks log at the same step, so each gets its own namespace.
+            prefix = f"quant/{self._slug}/"
         numeric = {
-            f"quant/{key}": float(value)
+            f"{prefix}{key}": float(value)
             for key, value in figures.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         }
@@ -194,8 +208,7 @@ class QuantizeCallback(Callback):
         if not self.save_model:
             return
         folder = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
-        slug = re.sub(r"[^a-z0-9]+", "-", self.config.label.lower()).strip("-")
-        path = folder / f"quantized-{slug}.pt"
+        path = folder / f"quantized-{self._slug}.pt"
         if trainer.is_global_zero:
             assert self.quantized_model is not None
             self.saved_path = save(self.quantized_model, path)

@@ -143,7 +143,11 @@ class QuantizedLayer(nn.Module):
         # unchanged (torch calls set_extra_state only after the buffers are copied).
         layout = state_dict.get(prefix + "_extra_state")
         if isinstance(layout, dict):
-            self.set_extra_state(layout)
+            try:
+                self.set_extra_state(layout)
+            except ValueError as error:
+                layer = prefix.removesuffix(".") or "(root)"
+                raise ValueError(f"layer '{layer}': {error}") from None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: dict[str, Any]) -> None:

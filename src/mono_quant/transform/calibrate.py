@@ -47,7 +47,15 @@ def calibrate(
                 if max_batches is not None and count >= max_batches:
                     break
                 inputs, _ = split_batch(batch)
-                model(move_to_device(inputs, device))
+                try:
+                    model(move_to_device(inputs, device))
+                except (RuntimeError, TypeError) as error:
+                    # Name the batch, because a shape error from deep inside the model does not.
+                    raise type(error)(
+                        f"calibration batch {count} failed in {type(model).__name__}.forward: "
+                        f"{error}. Check that the calibration data yields the same inputs as "
+                        "training."
+                    ) from error
                 count += 1
     finally:
         model.train(was_training)

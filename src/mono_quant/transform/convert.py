@@ -34,6 +34,11 @@ def _group_note(weight: torch.Tensor, config: QuantConfig) -> str:
     row_length = math.prod(weight.shape[1:])
     if row_length % config.group_size == 0:
         return ""
+    if row_length < config.group_size:
+        return (
+            f"rows of {row_length} weights are shorter than group_size {config.group_size}, so "
+            "each row is one group"
+        )
     return (
         f"rows of {row_length} weights are not a multiple of group_size {config.group_size}; "
         "the last group of each row is shorter"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import logging
+import warnings
 
 from torch import nn
 
@@ -13,8 +13,6 @@ from mono_quant.nn.activation import STATIC_SPEC
 from mono_quant.nn.observed import ObservedLayer
 from mono_quant.transform.select import select_layers
 from mono_quant.transform.state import QuantizationState, get_state, replace_module, set_state
-
-log = logging.getLogger(__name__)
 
 
 def prepare(
@@ -41,7 +39,13 @@ def prepare(
     decisions = select_layers(model, config.include, config.exclude)
     selected = [decision for decision in decisions if decision.quantize]
     if not selected:
-        log.warning("No layer of %s was selected for quantization.", type(model).__name__)
+        patterns = f" include={list(config.include)}" if config.include is not None else ""
+        warnings.warn(
+            f"no layer of {type(model).__name__} was selected for quantization{patterns}; "
+            "check the include/exclude patterns against mono_quant.quantization_report or "
+            "model.named_modules().",
+            stacklevel=2,
+        )
 
     if config.needs_calibration:
         for decision in selected:

@@ -35,6 +35,11 @@ def quantize(
         ValueError: when the config uses static activations and ``calibration_data`` is None.
     """
     config = resolve_config(config)
+    if calibration_batches is not None and calibration_batches <= 0:
+        raise ValueError(
+            f"calibration_batches={calibration_batches} must be a positive number of batches, "
+            "or None to use every batch of calibration_data."
+        )
     if config.needs_calibration and calibration_data is None:
         raise ValueError(
             f"config {config.label!r} uses static activations, whose ranges come from "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mono_quant.nn.registry import quantized_counterpart
+from mono_quant.nn.registry import QUANTIZED_MODULES, quantized_counterpart
 
 _NORMALIZATION_TYPES = (
     nn.modules.batchnorm._NormBase,
@@ -40,6 +40,12 @@ def _first_match(name: str, module: nn.Module, patterns: tuple[str, ...] | None)
 def _float_reason(module: nn.Module) -> str:
     if isinstance(module, _NORMALIZATION_TYPES):
         return "normalization layers stay in float"
+    base = next((t for t in QUANTIZED_MODULES if isinstance(module, t)), None)
+    if base is not None:
+        return (
+            f"{type(module).__name__} subclasses {base.__name__}; subclasses stay in float "
+            "because their parent may read the weight directly"
+        )
     return f"no quantized counterpart for {type(module).__name__}"
 
 
