@@ -89,6 +89,10 @@ class Observer(torch.nn.Module):
             )
         self.spec = spec
         self.name = ""
+        # With torch.distributed initialized, reduce each batch's min/max across ranks before
+        # folding it in. Training-time observers use this so every rank keeps the same state.
+        # NOTE: only the min/max is reduced; a histogram observer still bins local values.
+        self.reduce_batch_ranges = False
         self.register_buffer("min_val", torch.empty(0, dtype=torch.float32))
         self.register_buffer("max_val", torch.empty(0, dtype=torch.float32))
         self.register_buffer("num_observed", torch.zeros((), dtype=torch.int64))
@@ -120,6 +124,11 @@ class Observer(torch.nn.Module):
                     f"{self.spec.granularity} spec; observe tensors with the same channel and "
                     "group layout, or use a separate observer for each."
                 )
+            if self.reduce_batch_ranges and _distributed():
+                # Every rank folds the same union-of-batches range into its state, so the state
+                # stays identical across ranks without a separate sync() step.
+                dist.all_reduce(batch_min, op=dist.ReduceOp.MIN)
+                dist.all_reduce(batch_max, op=dist.ReduceOp.MAX)
             self._update(values, batch_min, batch_max)
             self.num_observed += 1
         return x

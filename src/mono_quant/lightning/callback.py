@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from rich.console import Console
@@ -17,7 +18,10 @@ from typing_extensions import override
 from mono_quant.config import QuantConfig
 from mono_quant.evaluate import ComparisonReport, compare
 from mono_quant.io import save
+from mono_quant.lightning.qat import CHECKPOINT_KEY, QATOptions
 from mono_quant.transform import QuantizationReport, quantization_report, quantize
+from mono_quant.transform.qat import QATSchedule, apply_schedule, convert_qat, prepare_qat
+from mono_quant.transform.state import get_state
 
 
 def _first_loader(loaders: Any, role: str) -> Any:
@@ -65,6 +69,16 @@ class QuantizeCallback(Callback):
         save_dir: folder for the quantized model file; default the trainer's ``log_dir``.
         save_model: write the quantized model file at fit end.
         verbose: print the comparison table on rank zero.
+        learnable_scale: QAT only: learn weight scales (LSQ); ``None`` learns them at 4 bits
+            and below.
+        fold_bn: QAT only: train ``Conv`` + ``BatchNorm`` pairs inside an ``nn.Sequential``
+            with the batch norm folded into the quantized weight.
+        qat_start_epoch: QAT only: epoch from which fake quantization is applied; observers
+            record ranges before it.
+        qat_start_step: QAT only: global step from which fake quantization is applied.
+        freeze_observers_epoch: QAT only: epoch from which activation ranges and non-learned
+            weight scales stop changing.
+        freeze_bn_epoch: QAT only: epoch from which batch norms use and keep their running stats.
 
     Figures are logged as ``quant/<name>``; with several ``QuantizeCallback`` in one trainer each
     logs under ``quant/<config>/<name>``, for example ``quant/w4-weight-only-per-group-32/``.
@@ -73,7 +87,7 @@ class QuantizeCallback(Callback):
     def __init__(
         self,
         bits: Literal[2, 3, 4, 5, 6, 7, 8, 16] = 8,
-        mode: Literal["ptq"] = "ptq",
+        mode: Literal["ptq", "qat"] = "ptq",
         activations: Literal["auto", "static", "dynamic"] | None = "auto",
         granularity: Literal["auto", "per_tensor", "per_channel", "per_group"] = "auto",
         group_size: PositiveInt | None = None,
@@ -88,10 +102,16 @@ class QuantizeCallback(Callback):
         save_dir: str | None = None,
         save_model: bool = True,
         verbose: bool = True,
+        learnable_scale: bool | None = None,
+        fold_bn: bool = True,
+        qat_start_epoch: NonNegativeInt = 0,
+        qat_start_step: NonNegativeInt | None = None,
+        freeze_observers_epoch: NonNegativeInt | None = None,
+        freeze_bn_epoch: NonNegativeInt | None = None,
     ) -> None:
         super().__init__()
-        if mode != "ptq":
-            raise ValueError(f"mode={mode!r} is not supported; use mode='ptq'.")
+        if mode not in ("ptq", "qat"):
+            raise ValueError(f"mode={mode!r} is not supported; use mode='ptq' or mode='qat'.")
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int):
             raise TypeError(f"calibration_batches must be an int, got {calibration_batches!r}.")
         if calibration_batches <= 0:
@@ -117,6 +137,19 @@ class QuantizeCallback(Callback):
             include=tuple(include) if include is not None else None,
             exclude=tuple(exclude) if exclude is not None else None,
         )
+        self.qat_options = QATOptions(
+            learnable_scale=learnable_scale,
+            fold_bn=fold_bn,
+            start_epoch=qat_start_epoch,
+            start_step=qat_start_step,
+            freeze_observers_epoch=freeze_observers_epoch,
+            freeze_bn_epoch=freeze_bn_epoch,
+        )
+        if mode == "qat" and not self.config.is_integer:
+            raise ValueError(
+                f"mode='qat' needs integer bits (2 to 8), got bits={bits}; 16-bit float casts "
+                "need no training, so use mode='ptq'."
+            )
         self.mode = mode
         self.calibration_batches = calibration_batches
         self.metrics = metrics
@@ -126,6 +159,7 @@ class QuantizeCallback(Callback):
 
         self.quantized_model: pl.LightningModule | None = None
         self.report: ComparisonReport | None = None
+        self.fake_quant_report: ComparisonReport | None = None
         self.layer_report: QuantizationReport | None = None
         self.saved_path: Path | None = None
         self._fits_completed = 0
@@ -141,11 +175,49 @@ class QuantizeCallback(Callback):
         return re.sub(r"[^a-z0-9]+", "-", self.config.label.lower()).strip("-")
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Runs before checkpoint weights are restored and before optimizers and DDP are set up,
+        # so a resumed run loads its fake-quant state strictly and trains the same Parameters.
+        if self.mode != "qat" or stage != "fit":
+            return
+        state = get_state(pl_module)
+        if state is None:
+            options = self.qat_options
+            prepare_qat(pl_module, self.config, options.learnable_scale, options.fold_bn)
+        elif state.mode != "qat":
+            raise ValueError(
+                f"{type(pl_module).__name__} was already quantized for PTQ; QAT needs the float "
+                "model."
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.mode == "qat":
+            schedule = self.qat_options.schedule(trainer.current_epoch, trainer.global_step)
+            apply_schedule(pl_module, schedule)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.mode == "qat":
+            checkpoint[CHECKPOINT_KEY] = {
+                "mode": "qat",
+                "config": self.config.to_dict(),
+                "options": self.qat_options.to_dict(),
+            }
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:
             rank_zero_warn("fit was interrupted, so mono_quant skips quantization.")
             return
-        self._quantize_and_compare(trainer, pl_module)
+        if self.mode == "qat":
+            self._convert_qat_and_compare(trainer, pl_module)
+        else:
+            self._quantize_and_compare(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -187,6 +259,32 @@ class QuantizeCallback(Callback):
         self._save(trainer)
         self._print_report()
 
+    def _convert_qat_and_compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        quantized = convert_qat(pl_module)
+        self.quantized_model = quantized  # type: ignore[assignment]
+        self.layer_report = quantization_report(quantized)
+
+        # The float reference is the trained model with fake quantization switched off.
+        float_model = copy.deepcopy(pl_module)
+        apply_schedule(float_model, QATSchedule(fake_quant=False, observers=False))
+        eval_loader = _first_loader(trainer.val_dataloaders, "validation")
+        if eval_loader is None:
+            rank_zero_warn(
+                "No validation dataloader: mono_quant compares the models on training batches."
+            )
+            eval_loader = _first_loader(trainer.train_dataloader, "training")
+        metrics = self.metrics.clone() if self.metrics is not None else None
+        self.report = compare(float_model, quantized, eval_loader, metrics=metrics)
+        self.report.title = f"float vs {self.config.label} (QAT)"
+        metrics = self.metrics.clone() if self.metrics is not None else None
+        self.fake_quant_report = compare(pl_module, quantized, eval_loader, metrics=metrics)
+        self.fake_quant_report.title = "fake-quant vs converted"
+        self._fits_completed += 1
+
+        self._log_figures(trainer)
+        self._save(trainer)
+        self._print_report()
+
     @rank_zero_only
     def _log_figures(self, trainer: pl.Trainer) -> None:
         assert self.report is not None and self.layer_report is not None
@@ -200,6 +298,10 @@ class QuantizeCallback(Callback):
             for key, value in figures.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         }
+        if self.fake_quant_report is not None:
+            for key, value in self.fake_quant_report.summary().items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    numeric[f"{prefix}fake_quant/{key}"] = float(value)
         for logger in trainer.loggers:
             logger.log_metrics(numeric, step=trainer.global_step)
             logger.save()
@@ -222,6 +324,8 @@ class QuantizeCallback(Callback):
         assert self.report is not None and self.layer_report is not None
         console = Console()
         console.print(self.report.table())
+        if self.fake_quant_report is not None:
+            console.print(self.fake_quant_report.table())
         float_layers = self.layer_report.float_layers
         if float_layers:
             reasons = "; ".join(f"{row.name}: {row.reason}" for row in float_layers)

@@ -20,6 +20,7 @@ class QuantizationState:
     config: QuantConfig
     decisions: list[LayerDecision]
     report: QuantizationReport | None = None
+    mode: str = "ptq"
 
 
 def get_state(model: nn.Module) -> QuantizationState | None:

@@ -1,0 +1,160 @@
+"""``FakeQuantize``: the quantizer that QAT modules apply to weights and activations.
+
+One module covers three ways of choosing qparams:
+
+* weights without learnable scale: recomputed from the current weight on every call;
+* activations without learnable scale: from an observer that updates in training mode only;
+* learnable scale (LSQ, Esser et al. 2020, "Learned Step Size Quantization"): the parameter
+  ``log_scale`` is initialised from the observer or the weight, then trained by the optimizer.
+  Training the logarithm makes each optimizer step a relative change of the scale, so Adam's
+  roughly constant step size does not swamp scales that are much smaller than the learning rate.
+
+Flags and qparams are buffers, so a checkpoint restores them exactly. In eval mode nothing is
+written: validation, test and predict leave every buffer bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mono_quant.core.layout import from_blocks, qparams_shape, to_blocks
+from mono_quant.core.observers import Observer
+from mono_quant.core.qparams import MIN_SCALE, choose_qparams, min_max
+from mono_quant.core.quantize import fake_quantize
+from mono_quant.core.spec import QuantSpec
+
+
+class _LearnedScaleFakeQuantize(torch.autograd.Function):
+    """Fake quantization whose gradient also reaches ``scale`` (the LSQ estimator)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, spec, grad_scale):  # type: ignore[override]
+        blocks = to_blocks(x, spec).float()
+        step = scale.unsqueeze(-1)
+        offset = zero_point.unsqueeze(-1)
+        ratio = blocks / step
+        grid = torch.round(ratio) + offset
+        below = grid < spec.quant_min
+        above = grid > spec.quant_max
+        grid = torch.clamp(grid, spec.quant_min, spec.quant_max)
+        values = (grid - offset) * step
+
+        # d(values)/d(scale): round(x/s) - x/s inside the range, the clamped level outside it.
+        scale_grad = torch.where(below | above, grid - offset, torch.round(ratio) - ratio)
+        inside = ~(below | above)
+        ctx.save_for_backward(from_blocks(inside, spec, x.shape), scale_grad)
+        ctx.spec, ctx.grad_scale, ctx.shape = spec, grad_scale, x.shape
+        return from_blocks(values, spec, x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        inside, scale_grad = ctx.saved_tensors
+        grad_blocks = to_blocks(grad_output, ctx.spec).float()
+        grad_scale = (grad_blocks * scale_grad).sum(dim=-1) * ctx.grad_scale
+        return grad_output * inside, grad_scale, None, None, None
+
+
+class FakeQuantize(nn.Module):
+    """Quantize and dequantize a tensor in the forward pass, with a straight-through gradient.
+
+    Args:
+        spec: integer grid and granularity.
+        shape: shape of the tensors this quantizer sees (weights) or ``None`` for per_tensor
+            activations; it fixes the qparams shape so ``state_dict`` shapes never change.
+        observer: activation range observer; ``None`` for weights, whose qparams come from the
+            weight itself.
+        learnable_scale: train ``scale`` as a parameter (LSQ) instead of re-deriving it.
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        shape: tuple[int, ...] | None = None,
+        observer: Observer | None = None,
+        learnable_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        if shape is None and spec.granularity != "per_tensor":
+            raise ValueError(
+                f"a {spec.granularity} FakeQuantize needs the tensor shape to size its qparams."
+            )
+        self.spec = spec
+        self.observer = observer
+        self.learnable_scale = learnable_scale
+        scale_shape = qparams_shape(shape, spec) if shape is not None else ()
+
+        if learnable_scale:
+            self.log_scale = nn.Parameter(torch.zeros(scale_shape, dtype=torch.float32))
+        else:
+            self.register_buffer("scale", torch.ones(scale_shape, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.zeros(scale_shape, dtype=torch.int32))
+        self.register_buffer("fake_quant_enabled", torch.ones((), dtype=torch.uint8))
+        self.register_buffer("observer_enabled", torch.ones((), dtype=torch.uint8))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+
+    def current_scale(self) -> torch.Tensor:
+        """Return the scale in use: the buffer, or ``exp(log_scale)`` when it is learned."""
+        if self.learnable_scale:
+            return self.log_scale.exp().clamp(min=MIN_SCALE)
+        return self.scale
+
+    @property
+    def is_weight(self) -> bool:
+        """True when qparams come from the quantized tensor itself rather than an observer."""
+        return self.observer is None
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Overwrite ``scale`` and ``zero_point`` in place and mark the quantizer initialised."""
+        with torch.no_grad():
+            if self.learnable_scale:
+                self.log_scale.copy_(scale.to(self.log_scale.device, torch.float32).log())
+            else:
+                self.scale.copy_(scale.to(self.scale.device, torch.float32))
+            self.zero_point.copy_(zero_point.to(self.zero_point.device, torch.int32))
+            self.initialized.fill_(1)
+
+    def _refresh_qparams(self, x: torch.Tensor) -> None:
+        """Update qparams from ``x`` (weights) or the observer (activations) in training mode."""
+        if self.is_weight:
+            qparams = choose_qparams(*min_max(x.detach(), self.spec), self.spec)
+        else:
+            assert self.observer is not None
+            self.observer(x)
+            qparams = self.observer.calculate_qparams()
+        if not self.learnable_scale or not bool(self.initialized):
+            self.set_qparams(*qparams)
+        elif not self.spec.symmetric:
+            # LSQ trains the scale only; the affine zero_point keeps following the observer.
+            with torch.no_grad():
+                self.zero_point.copy_(qparams[1])
+
+    def current_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the qparams this quantizer applies to ``x`` right now, without changing state."""
+        if self.is_weight and not self.learnable_scale and bool(self.observer_enabled):
+            return choose_qparams(*min_max(x.detach(), self.spec), self.spec)
+        return self.current_scale().detach(), self.zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and bool(self.observer_enabled):
+            self._refresh_qparams(x)
+
+        if not bool(self.fake_quant_enabled) or not bool(self.initialized):
+            if self.learnable_scale and self.training:
+                # Keep the scale in the autograd graph so DDP sees every parameter used.
+                return x + 0.0 * self.log_scale.sum()
+            return x
+
+        if self.learnable_scale:
+            scale = self.current_scale()
+            block = to_blocks(x, self.spec).shape[-1]
+            grad_scale = 1.0 / math.sqrt(max(block, 1) * max(self.spec.quant_max, 1))
+            return _LearnedScaleFakeQuantize.apply(x, scale, self.zero_point, self.spec, grad_scale)
+        scale, zero_point = self.current_qparams(x)
+        return fake_quantize(x, scale, zero_point, self.spec)
+
+    def extra_repr(self) -> str:
+        kind = "learnable scale" if self.learnable_scale else "observed scale"
+        return f"bits={self.spec.bits}, {self.spec.granularity}, {kind}"
