@@ -50,6 +50,9 @@ def compare(
     NOTE: when a model returns a tuple, list or dict, only the first tensor found in it
     (depth first, in order) is used for the metrics and the error figures.
 
+    NOTE: under torch.distributed, torchmetrics syncs the metric figures across ranks when they
+    are computed, but the SQNR, max error and agreement cover this rank's batches only.
+
     Args:
         float_model: the reference model.
         quantized_model: the model to compare against the reference.

@@ -159,8 +159,16 @@ class _QATConvBnNd(_QATConvNd):
         bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
         return weight, bn.bias + (bias - bn.running_mean) * factor
 
+    def _refresh_bn(self, x: torch.Tensor) -> None:
+        # The folded weight reads the batch norm's parameters outside its forward. Pre-hooks that
+        # recompute them (torch.nn.utils.prune, used by ModelPruning) must run first, or a stale
+        # tensor from the previous step's graph would be used.
+        for hook in self.bn._forward_pre_hooks.values():
+            hook(self.bn, (x,))
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(input)
+        self._refresh_bn(x)
         if not (self.training and self.bn.training) or bool(self.freeze_bn):
             weight, bias = self.folded_weight_and_bias()
             return self._conv_forward(x, self.weight_fake_quant(weight), bias)  # type: ignore[attr-defined]
