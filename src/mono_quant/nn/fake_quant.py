@@ -118,6 +118,10 @@ class FakeQuantize(nn.Module):
 
     def _refresh_qparams(self, x: torch.Tensor) -> None:
         """Update qparams from ``x`` (weights) or the observer (activations) in training mode."""
+        learned = self.learnable_scale and bool(self.initialized)
+        if learned and self.is_weight and self.spec.symmetric:
+            # A learned symmetric weight scale needs nothing from the weight's range.
+            return
         if self.is_weight:
             qparams = choose_qparams(*min_max(x.detach(), self.spec), self.spec)
         else:
