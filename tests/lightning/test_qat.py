@@ -475,3 +475,19 @@ def test_qat_without_quantized_engine() -> None:
 
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("ok")
+
+
+def test_qat_leaves_unsupported_layers_float() -> None:
+    from mono_quant import quantization_report
+    from mono_quant.transform.qat import convert_qat, prepare_qat
+
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(24, 4))
+    prepare_qat(model, "w8")
+    model(torch.randint(0, 10, (2, 3)))
+
+    converted = convert_qat(model)
+
+    assert type(model[0]) is nn.Embedding
+    assert isinstance(converted[2], QuantizedLayer)
+    reasons = quantization_report(converted).summary()["float_layers"]
+    assert "stays in float during QAT" in reasons["0"] or "no quantized counterpart" in reasons["0"]

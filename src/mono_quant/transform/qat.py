@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import Any, cast
 
@@ -21,7 +21,7 @@ from mono_quant.nn.quantized import QuantizedLayer
 from mono_quant.nn.registry import QUANTIZED_MODULES
 from mono_quant.transform.convert import _float_row, _group_note, _tensor_bytes
 from mono_quant.transform.report import LayerReport, QuantizationReport
-from mono_quant.transform.select import select_layers
+from mono_quant.transform.select import LayerDecision, select_layers
 from mono_quant.transform.state import QuantizationState, get_state, replace_module, set_state
 
 # At this width and below, scales are learned by default: the rounding error is large enough
@@ -104,7 +104,10 @@ def prepare_qat(
         config.bits <= LEARNABLE_SCALE_MAX_BITS if learnable_scale is None else learnable_scale
     )
 
-    decisions = select_layers(model, config.include, config.exclude)
+    decisions = [
+        _qat_decision(decision, model)
+        for decision in select_layers(model, config.include, config.exclude)
+    ]
     selected = {d.name for d in decisions if d.quantize}
     pairs = _conv_bn_pairs(model, selected) if fold_bn else {}
 
@@ -137,6 +140,18 @@ def prepare_qat(
 
     set_state(model, QuantizationState(config=config, decisions=decisions, mode="qat"))
     return model
+
+
+def _qat_decision(decision: LayerDecision, model: nn.Module) -> LayerDecision:
+    """Keep ``decision`` unless its layer type has no QAT counterpart, which then stays float."""
+    if not decision.quantize:
+        return decision
+    module = model.get_submodule(decision.name)
+    if type(module) in QAT_MODULES:
+        return decision
+    supported = ", ".join(t.__name__ for t in QAT_MODULES)
+    reason = f"QAT covers {supported}; {type(module).__name__} stays in float during QAT"
+    return replace(decision, quantize=False, reason=reason)
 
 
 def _fold_for_init(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
