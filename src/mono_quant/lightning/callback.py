@@ -12,6 +12,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from rich.console import Console
+from torch import nn
 from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
@@ -240,6 +241,26 @@ class QuantizeCallback(Callback):
             calibration_data=calibration_loader,
             calibration_batches=self.calibration_batches,
         )
+        self._compare_and_report(trainer, pl_module, quantized, f"float vs {self.config.label}")
+
+    def _convert_qat_and_compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        quantized = convert_qat(pl_module)
+
+        # The float reference is the trained model with fake quantization switched off.
+        float_model = copy.deepcopy(pl_module)
+        apply_schedule(float_model, QATSchedule(fake_quant=False, observers=False))
+        self._compare_and_report(
+            trainer, float_model, quantized, f"float vs {self.config.label} (QAT)", pl_module
+        )
+
+    def _compare_and_report(
+        self,
+        trainer: pl.Trainer,
+        float_model: pl.LightningModule,
+        quantized: nn.Module,
+        title: str,
+        fake_quant_model: pl.LightningModule | None = None,
+    ) -> None:
         self.quantized_model = quantized  # type: ignore[assignment]
         self.layer_report = quantization_report(quantized)
 
@@ -249,41 +270,22 @@ class QuantizeCallback(Callback):
                 "No validation dataloader: mono_quant compares float and quantized models on "
                 "training batches instead."
             )
-            eval_loader = calibration_loader
-        metrics = self.metrics.clone() if self.metrics is not None else None
-        self.report = compare(pl_module, quantized, eval_loader, metrics=metrics)
-        self.report.title = f"float vs {self.config.label}"
-        self._fits_completed += 1
-
-        self._log_figures(trainer)
-        self._save(trainer)
-        self._print_report()
-
-    def _convert_qat_and_compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        quantized = convert_qat(pl_module)
-        self.quantized_model = quantized  # type: ignore[assignment]
-        self.layer_report = quantization_report(quantized)
-
-        # The float reference is the trained model with fake quantization switched off.
-        float_model = copy.deepcopy(pl_module)
-        apply_schedule(float_model, QATSchedule(fake_quant=False, observers=False))
-        eval_loader = _first_loader(trainer.val_dataloaders, "validation")
-        if eval_loader is None:
-            rank_zero_warn(
-                "No validation dataloader: mono_quant compares the models on training batches."
-            )
             eval_loader = _first_loader(trainer.train_dataloader, "training")
-        metrics = self.metrics.clone() if self.metrics is not None else None
-        self.report = compare(float_model, quantized, eval_loader, metrics=metrics)
-        self.report.title = f"float vs {self.config.label} (QAT)"
-        metrics = self.metrics.clone() if self.metrics is not None else None
-        self.fake_quant_report = compare(pl_module, quantized, eval_loader, metrics=metrics)
-        self.fake_quant_report.title = "fake-quant vs converted"
+        self.report = compare(float_model, quantized, eval_loader, metrics=self._fresh_metrics())
+        self.report.title = title
+        if fake_quant_model is not None:
+            self.fake_quant_report = compare(
+                fake_quant_model, quantized, eval_loader, metrics=self._fresh_metrics()
+            )
+            self.fake_quant_report.title = "fake-quant vs converted"
         self._fits_completed += 1
 
         self._log_figures(trainer)
         self._save(trainer)
         self._print_report()
+
+    def _fresh_metrics(self) -> Metric | MetricCollection | None:
+        return self.metrics.clone() if self.metrics is not None else None
 
     @rank_zero_only
     def _log_figures(self, trainer: pl.Trainer) -> None:
