@@ -23,7 +23,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_patterns(field: str, patterns: Any) -> tuple[str, ...] | None:
+def _check_patterns(
+    field: str, patterns: Any, kind: str = "name globs or class names"
+) -> tuple[str, ...] | None:
     if patterns is None:
         return None
     if isinstance(patterns, str):
@@ -32,8 +34,7 @@ def _check_patterns(field: str, patterns: Any) -> tuple[str, ...] | None:
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
             raise TypeError(
-                f"{field} must be a list of non-empty strings (name globs or class names), got "
-                f"{pattern!r} in it."
+                f"{field} must be a list of non-empty strings ({kind}), got {pattern!r} in it."
             )
     return patterns
 
@@ -62,6 +63,10 @@ class QuantConfig:
         include: quantize only layers whose qualified name matches one of these globs or whose
             class name equals one of them; ``None`` selects every supported layer.
         exclude: leave in float the layers that match one of these globs or class names.
+        parameters: qualified parameter names or globs (``"block.proj_weight"``,
+            ``"blocks.*.table"``) of modules without a quantized counterpart, to store as
+            integer codes (or 16-bit copies) weight-only. The module's own ``forward`` keeps
+            working because reading the attribute returns the dequantized tensor.
     """
 
     bits: int = 8
@@ -74,10 +79,13 @@ class QuantConfig:
     dtype: Literal["auto", "int", "float16", "bfloat16"] = "auto"
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
+    parameters: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self._set("include", _check_patterns("include", self.include))
         self._set("exclude", _check_patterns("exclude", self.exclude))
+        parameters = _check_patterns("parameters", self.parameters, "parameter name globs")
+        self._set("parameters", parameters)
         self._resolve_dtype()
         self._resolve_activations()
         self._resolve_granularity()
@@ -141,6 +149,9 @@ class QuantConfig:
         if self.group_size is not None:
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
                 raise TypeError(f"group_size must be an int, got {self.group_size!r}.")
+            # jsonargparse passes int subclasses such as PositiveInt; a plain int keeps the
+            # config loadable with torch.load(weights_only=True) when it is saved.
+            self._set("group_size", int(self.group_size))
             if self.group_size <= 0:
                 raise ValueError(
                     f"group_size={self.group_size} must be positive; typical values are 32, 64 "
@@ -184,7 +195,7 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as plain Python values (tuples as lists), for logs and files."""
         values = asdict(self)
-        for field in ("include", "exclude"):
+        for field in ("include", "exclude", "parameters"):
             if values[field] is not None:
                 values[field] = list(values[field])
         return values

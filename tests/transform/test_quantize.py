@@ -55,7 +55,7 @@ def test_quantize_preset_swaps_supported_layers(model: MixedNet, preset: str) ->
     assert isinstance(quantized.head[0], expected)
     assert isinstance(quantized.head[2], expected)
     assert type(quantized.norm) is nn.BatchNorm2d
-    assert type(quantized.rnn) is nn.GRU
+    assert isinstance(quantized.rnn, expected)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_report_lists_float_layers_with_reason(model: MixedNet) -> None:
     reasons = mq.quantization_report(quantized).summary()["float_layers"]
 
     assert reasons["norm"] == "normalization layers stay in float"
-    assert reasons["rnn"] == "no quantized counterpart for GRU"
+    assert "rnn" not in reasons
 
 
 def test_report_weight_bytes_match_buffers(model: MixedNet) -> None:
@@ -328,14 +328,18 @@ def test_include_matching_nothing_warns(model: MixedNet) -> None:
 
 
 def test_linear_subclass_stays_float_with_reason() -> None:
-    attention = nn.MultiheadAttention(16, 2, batch_first=True)
-    x = torch.randn(2, 5, 16)
+    class ScaledLinear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
 
-    quantized = mq.quantize(attention, "w8")
+    model = nn.Sequential(ScaledLinear(16, 4))
+    x = torch.randn(2, 16)
+
+    quantized = mq.quantize(model, "w8")
 
     reasons = mq.quantization_report(quantized).summary()["float_layers"]
-    assert "subclasses Linear" in reasons["out_proj"]
-    assert torch.equal(quantized(x, x, x)[0], attention(x, x, x)[0])
+    assert "subclasses Linear" in reasons["0"]
+    assert torch.equal(quantized(x), model(x))
 
 
 def test_load_other_layout_names_layer(model: MixedNet) -> None:

@@ -1,15 +1,19 @@
 """Storage shared by every quantized layer: integer weight codes, qparams and input qparams.
 
-A quantized layer takes floats and returns floats, so it drops into any model. Its weight lives
-in buffers: ``weight_codes`` (int8/uint8, or uint8 with several codes per byte for 4 bits and
-below), ``weight_scale`` and, for affine specs, ``weight_zero_point``. Static activation layers
-add ``input_scale`` and ``input_zero_point``. The layout (bits, shape, granularity, format
-version) travels as extra state in ``state_dict``, which ``torch.load(weights_only=True)`` reads.
+A quantized layer takes floats and returns floats, so it drops into any model. Each quantized
+weight lives in buffers named after it: ``{name}_codes`` (int8/uint8, or uint8 with several codes
+per byte for 4 bits and below), ``{name}_scale`` and, for affine specs, ``{name}_zero_point``. A
+layer with one weight (``Linear``, ``Conv``) names it ``weight``, giving ``weight_codes``,
+``weight_scale`` and ``weight_zero_point``. A layer with several weights (an LSTM's per-layer and
+per-direction matrices) uses the float module's parameter names. Static activation layers add
+``input_scale`` and ``input_zero_point``. The layout (bits, shapes, granularity, format version)
+travels as extra state in ``state_dict``, which ``torch.load(weights_only=True)`` reads.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,6 +32,8 @@ from mono_quant.nn.activation import (
 
 FORMAT_VERSION = 1
 
+QParams = tuple[torch.Tensor, torch.Tensor]
+
 
 def container_bits(bits: int) -> int:
     """Return the packed width that stores ``bits``-bit codes: 2, 4 or 8."""
@@ -37,20 +43,39 @@ def container_bits(bits: int) -> int:
 
 
 class QuantizedLayer(nn.Module):
-    """Base class that stores a quantized weight and quantizes inputs per its activation mode.
+    """Base class that stores quantized weights and quantizes inputs per its activation mode.
 
     Subclasses implement ``forward`` with :meth:`dequantized_weight` as the reference path.
-    ``weight_qparams`` come from a weight observer; without them the weight's min/max is used.
+    ``weight_qparams`` come from a weight observer; without them each weight's min/max is used.
+
+    ``weight`` is one tensor, stored under the name ``weight``, or a mapping from names to
+    tensors for layers with several weights. In that case ``weight_qparams`` maps the same names
+    to qparams. Every weight of a layer shares ``weight_spec``.
+
+    Class attributes tell ``convert`` what a subclass supports:
+
+    * ``supports_static``: the first positional input is a float tensor whose range can be
+      calibrated, so ``prepare`` may wrap the layer in an ``ObservedLayer``.
+    * ``supports_dynamic``: the layer can quantize its inputs at run time.
+    * ``static_fallback``: the activation mode used under a static config when
+      ``supports_static`` is False (``"dynamic"`` or ``None`` for weight-only).
+    * ``weight_only_reason``: why a layer without activation support stays weight-only under
+      a static or dynamic config, for the report.
     """
+
+    supports_static: ClassVar[bool] = True
+    supports_dynamic: ClassVar[bool] = True
+    static_fallback: ClassVar[ActivationMode | None] = None
+    weight_only_reason: ClassVar[str] = "its inputs are not quantized"
 
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | Mapping[str, torch.Tensor],
         weight_spec: QuantSpec,
         bias: torch.Tensor | None,
         activations: ActivationMode | None = None,
-        input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
-        weight_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+        input_qparams: QParams | None = None,
+        weight_qparams: QParams | Mapping[str, QParams | None] | None = None,
     ) -> None:
         super().__init__()
         if activations is not None and activations not in ACTIVATION_MODES:
@@ -60,10 +85,28 @@ class QuantizedLayer(nn.Module):
         if activations == "static" and input_qparams is None:
             raise ValueError("static activations need input qparams from calibration.")
 
+        weights = dict(weight) if isinstance(weight, Mapping) else {"weight": weight}
+        if not weights:
+            raise ValueError(f"{type(self).__name__} needs at least one weight to quantize.")
+        if weight_qparams is None or isinstance(weight_qparams, Mapping):
+            qparams_by_name = dict(weight_qparams or {})
+        else:
+            qparams_by_name = {"weight": weight_qparams}
+        unknown = sorted(set(qparams_by_name) - set(weights))
+        if unknown:
+            raise ValueError(
+                f"weight_qparams names {unknown} that are not weights of {type(self).__name__} "
+                f"(weights: {sorted(weights)})."
+            )
+
         self.weight_spec = weight_spec
         self.activations = activations
-        self.weight_shape = tuple(weight.shape)
-        self._store_weight(weight.detach(), weight_qparams)
+        self.weight_names = tuple(weights)
+        self.weight_shapes = {name: tuple(w.shape) for name, w in weights.items()}
+        # The single-weight layers (Linear, Conv) expose their shape directly.
+        self.weight_shape = self.weight_shapes.get("weight")
+        for name, tensor in weights.items():
+            self._store(name, tensor.detach(), qparams_by_name.get(name))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
         if input_qparams is not None and activations == "static":
@@ -71,17 +114,18 @@ class QuantizedLayer(nn.Module):
             self.register_buffer("input_scale", scale.detach().float().clone())
             self.register_buffer("input_zero_point", zero_point.detach().to(torch.int32).clone())
 
-    def _store_weight(
-        self, weight: torch.Tensor, qparams: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> None:
+    def _store(self, name: str, weight: torch.Tensor, qparams: QParams | None) -> None:
         spec = self.weight_spec
         if qparams is None:
             qparams = choose_qparams(*min_max(weight, spec), spec)
         scale, zero_point = qparams[0].float(), qparams[1].to(torch.int32)
         codes = quantize(weight, scale, zero_point, spec)
-        self.register_buffer("weight_codes", self._pack(codes))
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", None if spec.symmetric else zero_point)
+        self.register_buffer(f"{name}_codes", self._pack(codes))
+        self.register_buffer(f"{name}_scale", scale)
+        self.register_buffer(f"{name}_zero_point", None if spec.symmetric else zero_point)
+
+    def _store_weight(self, weight: torch.Tensor, qparams: QParams | None) -> None:
+        self._store("weight", weight, qparams)
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         width = container_bits(self.weight_spec.bits)
@@ -91,25 +135,79 @@ class QuantizedLayer(nn.Module):
         unsigned = codes.to(torch.int16) - self.weight_spec.quant_min
         return pack_bits(unsigned, width)
 
-    def weight_int(self) -> torch.Tensor:
-        """Return the unpacked integer weight codes (int8 or uint8) in the weight's shape."""
-        width = container_bits(self.weight_spec.bits)
-        if width == 8:
-            return self.weight_codes
-        unsigned = unpack_bits(self.weight_codes, width, self.weight_shape)
+    def _unpack(self, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        unsigned = unpack_bits(packed, container_bits(self.weight_spec.bits), shape)
         signed = unsigned.to(torch.int16) + self.weight_spec.quant_min
         return signed.to(storage_dtype(self.weight_spec))
 
-    def _zero_point(self) -> torch.Tensor:
-        if self.weight_zero_point is not None:
-            return self.weight_zero_point
-        return torch.zeros_like(self.weight_scale, dtype=torch.int32)
+    def weight_int(self, name: str = "weight") -> torch.Tensor:
+        """Return the unpacked integer codes (int8 or uint8) of weight ``name`` in its shape."""
+        codes = getattr(self, f"{name}_codes")
+        if container_bits(self.weight_spec.bits) == 8:
+            return codes
+        return self._unpack(codes, self.weight_shapes[name])
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def _zero_point(self, name: str = "weight") -> torch.Tensor:
+        zero_point = getattr(self, f"{name}_zero_point")
+        if zero_point is not None:
+            return zero_point
+        return torch.zeros_like(getattr(self, f"{name}_scale"), dtype=torch.int32)
+
+    def dequantized_weight(
+        self, dtype: torch.dtype = torch.float32, name: str = "weight"
+    ) -> torch.Tensor:
         """Return the float weight that the stored codes represent (the reference path)."""
         return dequantize(
-            self.weight_int(), self.weight_scale, self._zero_point(), self.weight_spec, dtype
+            self.weight_int(name),
+            getattr(self, f"{name}_scale"),
+            self._zero_point(name),
+            self.weight_spec,
+            dtype,
         )
+
+    def dequantized_rows(
+        self, index: torch.Tensor, dtype: torch.dtype = torch.float32, name: str = "weight"
+    ) -> torch.Tensor:
+        """Return rows ``index`` of the dequantized weight ``name``, unpacking only those rows.
+
+        A row is one index along dim 0 (an embedding vector). The result equals
+        ``dequantized_weight(dtype, name)[index]`` exactly, because the same float operations
+        run on the same codes.
+        """
+        spec = self.weight_spec
+        shape = self.weight_shapes[name]
+        if spec.granularity == "per_channel" and spec.axis not in (0, -len(shape)):
+            return self.dequantized_weight(dtype, name)[index]
+        row_length = 1
+        for size in shape[1:]:
+            row_length *= size
+        width = container_bits(spec.bits)
+        codes = getattr(self, f"{name}_codes")
+        if width == 8:
+            rows = codes.reshape(shape[0], row_length)[index]
+        elif row_length * width % 8 == 0:
+            packed_rows = codes.reshape(shape[0], row_length * width // 8)[index]
+            rows = self._unpack(packed_rows.reshape(-1), (index.numel(), row_length))
+        else:
+            # Rows do not start on a byte boundary, so the whole tensor is unpacked.
+            rows = self.weight_int(name).reshape(shape[0], row_length)[index]
+        rows = rows.reshape(-1, row_length)
+
+        scale = getattr(self, f"{name}_scale")
+        zero_point = self._zero_point(name)
+        if spec.granularity != "per_tensor":
+            scale = scale[index.reshape(-1)]
+            zero_point = zero_point[index.reshape(-1)]
+        values = dequantize(rows, scale, zero_point, spec, dtype)
+        return values.reshape(*index.shape, *shape[1:])
+
+    def quantized_tensors(self) -> Iterator[torch.Tensor]:
+        """Yield the codes, scales and zero_points of every quantized weight."""
+        for name in self.weight_names:
+            for suffix in ("codes", "scale", "zero_point"):
+                tensor = getattr(self, f"{name}_{suffix}")
+                if tensor is not None:
+                    yield tensor
 
     def quantize_input(self, x: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
         """Round ``x`` to the activation grid of this layer, or return it unchanged.
@@ -126,7 +224,7 @@ class QuantizedLayer(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         """Return the storage layout, saved in ``state_dict`` next to the buffers."""
         spec = self.weight_spec
-        return {
+        state: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "bits": spec.bits,
             "container_bits": container_bits(spec.bits),
@@ -134,9 +232,15 @@ class QuantizedLayer(nn.Module):
             "granularity": spec.granularity,
             "axis": spec.axis,
             "group_size": spec.group_size,
-            "weight_shape": list(self.weight_shape),
-            "activations": self.activations,
         }
+        if self.weight_names == ("weight",):
+            state["weight_shape"] = list(self.weight_shapes["weight"])
+        else:
+            state["weight_shapes"] = {
+                name: list(shape) for name, shape in self.weight_shapes.items()
+            }
+        state["activations"] = self.activations
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         # Check the layout before torch copies any buffer, so a rejected state leaves the layer
@@ -177,7 +281,30 @@ class QuantizedLayer(nn.Module):
         spec = self.weight_spec
         group = f", group_size={spec.group_size}" if spec.group_size else ""
         kind = "symmetric" if spec.symmetric else "affine"
+        if self.weight_names == ("weight",):
+            shapes = f"weight_shape={self.weight_shape}"
+        else:
+            shapes = f"weights={len(self.weight_names)}"
         return (
-            f"weight_shape={self.weight_shape}, bits={spec.bits}, {kind}, "
+            f"{shapes}, bits={spec.bits}, {kind}, "
             f"{spec.granularity}{group}, activations={self.activations}"
         )
+
+    @classmethod
+    def layer_spec(cls, spec: QuantSpec) -> QuantSpec:
+        """Return the weight spec this class stores ``spec`` as; most layers keep it unchanged.
+
+        ``QuantConfig.weight_spec()`` puts per-channel scales on axis 0 (output channels of
+        ``Linear`` and ``Conv``); a layer whose output channels sit elsewhere moves the axis.
+        """
+        return spec
+
+    @classmethod
+    def float_weights(cls, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Return the float tensors of ``module`` that this class quantizes, keyed by name.
+
+        Each tensor is in the layout the codes are stored in, so a weight observer records
+        exactly the values that are quantized. Single-weight layers return
+        ``{"weight": module.weight}``.
+        """
+        return {"weight": module.weight}

@@ -10,7 +10,9 @@ from torch import nn
 from mono_quant.config import QuantConfig, resolve_config
 from mono_quant.core.observers import make_observer
 from mono_quant.nn.activation import STATIC_SPEC
+from mono_quant.nn.attention import disable_fused_transformer_paths
 from mono_quant.nn.observed import ObservedLayer
+from mono_quant.nn.registry import calibrates_input
 from mono_quant.transform.select import select_layers
 from mono_quant.transform.state import QuantizationState, get_state, replace_module, set_state
 
@@ -49,11 +51,17 @@ def prepare(
 
     if config.needs_calibration:
         for decision in selected:
-            observer = make_observer(config.observer, STATIC_SPEC)
             layer = model.get_submodule(decision.name)
+            if not calibrates_input(layer):
+                # Embeddings take integer indices, and recurrent and attention layers quantize
+                # their activations dynamically under a static config: no input observer.
+                continue
+            observer = make_observer(config.observer, STATIC_SPEC)
             model = replace_module(
                 model, decision.name, ObservedLayer(layer, observer, decision.name)
             )
+        # Fused transformer paths read linear1.weight directly, which an ObservedLayer lacks.
+        disable_fused_transformer_paths(model)
 
     set_state(model, QuantizationState(config=config, decisions=decisions))
     return model

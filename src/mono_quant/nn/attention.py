@@ -1,0 +1,271 @@
+"""Quantized ``nn.MultiheadAttention`` and helpers for the transformer layers that contain it.
+
+``MultiheadAttention`` keeps its packed input projection as a parameter (``in_proj_weight``, or
+``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when key and value sizes differ) and its
+output projection in a ``Linear`` subclass that it reads through ``out_proj.weight``. Both are
+quantized here, inside one module, which replaces the whole attention layer.
+
+``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` have fused inference paths that read
+``self_attn.in_proj_weight`` and ``linear1.weight`` directly, which quantized layers do not
+have; :func:`disable_fused_transformer_paths` switches those layers to their unfused path, which
+calls the submodules and computes the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mono_quant.core.spec import QuantSpec
+from mono_quant.nn.activation import ActivationMode
+from mono_quant.nn.cast import CastLayer
+from mono_quant.nn.quantized import QParams, QuantizedLayer
+
+# Attributes of nn.MultiheadAttention that transformer layers read from their ``self_attn``.
+MHA_ATTRIBUTES = (
+    "embed_dim",
+    "kdim",
+    "vdim",
+    "_qkv_same_embed_dim",
+    "num_heads",
+    "dropout",
+    "batch_first",
+    "head_dim",
+    "add_zero_attn",
+    "in_proj_bias",
+    "bias_k",
+    "bias_v",
+)
+
+
+class QuantMultiheadAttention(QuantizedLayer):
+    """``nn.MultiheadAttention`` with integer input and output projections.
+
+    Quantized weights: ``in_proj_weight`` (or ``q_proj_weight``, ``k_proj_weight`` and
+    ``v_proj_weight``) and ``out_proj_weight``; per-channel scales are per output row. Biases,
+    ``bias_k`` and ``bias_v`` stay float. The call signature and outputs match the float layer.
+
+    Dynamic activations quantize query, key and value per token before the input projection and
+    the attention output per token before the output projection. Static activations are not
+    supported (the output projection's input is never seen by an ``ObservedLayer``); a static
+    config uses dynamic activations.
+
+    NOTE: the dynamic path runs ``F.multi_head_attention_forward`` with an identity output
+    projection to get the attention output, which costs one extra ``embed_dim`` x ``embed_dim``
+    matmul per token.
+    """
+
+    supports_static = False
+    static_fallback = "dynamic"
+
+    def __init__(
+        self,
+        module: nn.MultiheadAttention,
+        weight_spec: QuantSpec,
+        activations: ActivationMode | None = None,
+        weight_qparams: dict[str, QParams | None] | None = None,
+    ) -> None:
+        if activations == "static":
+            raise ValueError(
+                "QuantMultiheadAttention does not support static activations; use "
+                "activations='dynamic' or None."
+            )
+        super().__init__(
+            self.float_weights(module), weight_spec, None, activations, None, weight_qparams
+        )
+        self.embed_dim = module.embed_dim
+        self.kdim = module.kdim
+        self.vdim = module.vdim
+        self._qkv_same_embed_dim = module._qkv_same_embed_dim
+        self.num_heads = module.num_heads
+        self.dropout = module.dropout
+        self.batch_first = module.batch_first
+        self.head_dim = module.head_dim
+        self.add_zero_attn = module.add_zero_attn
+        # Attention dropout follows the mode, so the copy starts in the float layer's mode.
+        self.train(module.training)
+        for name, tensor in (
+            ("in_proj_bias", module.in_proj_bias),
+            ("bias_k", module.bias_k),
+            ("bias_v", module.bias_v),
+            ("out_proj_bias", module.out_proj.bias),
+        ):
+            self.register_buffer(name, None if tensor is None else tensor.detach().clone())
+
+    @classmethod
+    def float_weights(cls, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Return the projection matrices: packed or separate q/k/v, then ``out_proj_weight``."""
+        if module._qkv_same_embed_dim:
+            weights = {"in_proj_weight": module.in_proj_weight}
+        else:
+            weights = {
+                "q_proj_weight": module.q_proj_weight,
+                "k_proj_weight": module.k_proj_weight,
+                "v_proj_weight": module.v_proj_weight,
+            }
+        weights["out_proj_weight"] = module.out_proj.weight
+        return weights
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.MultiheadAttention,
+        weight_spec: QuantSpec,
+        activations: ActivationMode | None = None,
+        input_qparams: QParams | None = None,
+        weight_qparams: dict[str, QParams | None] | None = None,
+    ) -> QuantMultiheadAttention:
+        """Build a quantized copy of ``module``; the float module is left unchanged.
+
+        ``input_qparams`` is accepted for a uniform signature and must be None.
+        """
+        if type(module) is not nn.MultiheadAttention:
+            raise TypeError(
+                f"{cls.__name__}.from_float expects MultiheadAttention, got "
+                f"{type(module).__name__}."
+            )
+        if input_qparams is not None:
+            raise ValueError(f"{cls.__name__} has no static input qparams; pass None.")
+        return cls(module, weight_spec, activations, weight_qparams)
+
+    def _quantize_qkv(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Identity between query, key and value selects the packed projection in torch, so a
+        # tensor passed twice is quantized once and passed twice.
+        quantized_query = self.quantize_input(query)
+        quantized_key = quantized_query if key is query else self.quantize_input(key)
+        quantized_value = quantized_key if value is key else self.quantize_input(value)
+        return quantized_query, quantized_key, quantized_value
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.forward_reference(
+            query,
+            key,
+            value,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+
+    def forward_reference(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Compute attention with dequantized projections, as the float layer's unfused path."""
+        is_batched = query.dim() == 3
+        if self.batch_first and is_batched:
+            # Transpose each distinct tensor once so that identities between them survive.
+            transposed: dict[int, torch.Tensor] = {}
+            query, key, value = (
+                transposed.setdefault(id(x), x.transpose(1, 0)) for x in (query, key, value)
+            )
+        query, key, value = self._quantize_qkv(query, key, value)
+
+        dtype = query.dtype
+        out_weight = self.dequantized_weight(dtype, "out_proj_weight")
+        out_bias = None if self.out_proj_bias is None else self.out_proj_bias.to(dtype)
+        if self.activations is not None:
+            out_weight = torch.eye(self.embed_dim, dtype=dtype, device=query.device)
+        projections: dict[str, Any] = {}
+        if self._qkv_same_embed_dim:
+            projections["in_proj_weight"] = self.dequantized_weight(dtype, "in_proj_weight")
+        else:
+            projections["in_proj_weight"] = None
+            projections["use_separate_proj_weight"] = True
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                projections[name] = self.dequantized_weight(dtype, name)
+        in_proj_weight = projections.pop("in_proj_weight")
+
+        attn_output, attn_weights = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            in_proj_weight,
+            None if self.in_proj_bias is None else self.in_proj_bias.to(dtype),
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            out_weight,
+            None if self.activations is not None else out_bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+            **projections,
+        )
+        if self.activations is not None:
+            attn_output = F.linear(
+                self.quantize_input(attn_output),
+                self.dequantized_weight(dtype, "out_proj_weight"),
+                out_bias,
+            )
+        if self.batch_first and is_batched:
+            attn_output = attn_output.transpose(1, 0)
+        return attn_output, attn_weights
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"batch_first={self.batch_first}, {super().extra_repr()}"
+        )
+
+
+class CastMultiheadAttention(CastLayer):
+    """A 16-bit copy of ``nn.MultiheadAttention`` that exposes the attributes parents read.
+
+    ``nn.TransformerEncoderLayer`` reads ``self_attn.batch_first`` and similar attributes before
+    it calls the attention layer, so they are forwarded to the wrapped copy.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name in MHA_ATTRIBUTES:
+            return getattr(self._modules["module"], name)
+        return super().__getattr__(name)
+
+
+def disable_fused_transformer_paths(model: nn.Module) -> list[str]:
+    """Switch transformer layers of ``model`` to their unfused path; return their names.
+
+    ``nn.TransformerEncoderLayer`` takes its fused path in eval mode only while
+    ``activation_relu_or_gelu`` is set, and ``nn.TransformerEncoder`` converts inputs to nested
+    tensors only while ``use_nested_tensor`` is True (torch 2.13). Clearing both makes the layers
+    call their submodules, so swapped-in quantized or observed layers are used. The unfused path
+    applies ``self.activation``, so the computed function does not change.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and module.activation_relu_or_gelu:
+            module.activation_relu_or_gelu = 0
+            changed.append(name)
+        elif isinstance(module, nn.TransformerEncoder) and module.use_nested_tensor:
+            module.use_nested_tensor = False
+            changed.append(name)
+    return changed
