@@ -1,4 +1,7 @@
-"""The mono-quant command."""
+"""The mono-quant command: entry point, presets and inspect.
+
+Subcommand behaviour and every error path are tested in tests/cli/.
+"""
 
 from __future__ import annotations
 
@@ -19,16 +22,17 @@ def test_presets_lists_every_preset(capsys) -> None:
         assert name in printed
 
 
-def test_inspect_prints_layers(tmp_path, capsys) -> None:
-    model = nn.Sequential(nn.Linear(64, 32), nn.GRU(32, 8))
+def test_inspect_prints_layers(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    model = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32))
     path = save(mq.quantize(model, "w8"), tmp_path / "model.pt")
 
     main(["inspect", str(path)])
 
     printed = capsys.readouterr().out
     assert "w8 weight-only" in printed
-    assert "GRU" in printed
-    assert "no quantized" in printed
+    assert "LayerNorm" in printed
+    assert "skipped: normalization layers stay in float" in printed
 
 
 @pytest.mark.parametrize("content", [b"not a model", None], ids=["garbage", "missing"])

@@ -6,14 +6,17 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from mono_quant.lightning.checkpoint import QuantizedCheckpointMixin
+
 NUM_CLASSES = 10
 
 
-class DigitsCNN(L.LightningModule):
+class DigitsCNN(QuantizedCheckpointMixin, L.LightningModule):
     """Classify 8x8 grayscale digits with two conv layers and two linear layers.
 
     The network is built only from ``nn`` modules in ``self.net`` so that a quantizer can
-    replace each Conv2d and Linear in place.
+    replace each Conv2d and Linear in place. ``QuantizedCheckpointMixin`` lets checkpoints of a
+    quantized copy restore with ``DigitsCNN.load_from_checkpoint``.
 
     Args:
         channels: Output channels of the first conv layer. The second conv layer has twice as many.

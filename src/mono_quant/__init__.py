@@ -1,13 +1,15 @@
 """mono-quant: model-agnostic quantization for PyTorch, with PyTorch Lightning as its main face.
 
 Python entry points: :func:`quantize` (prepare, calibrate, convert in one call), the separate
-steps :func:`prepare`, :func:`calibrate` and :func:`convert`, and :func:`compare` for a
-torchmetrics comparison of the float and the quantized model. The Lightning callback lives in
-:mod:`mono_quant.lightning`.
+steps :func:`prepare`, :func:`calibrate` and :func:`convert`, :func:`compare` for a
+torchmetrics comparison of the float and the quantized model, :func:`save` and :func:`load` for
+files that load without running pickled code, and :func:`export` for a ``torch.export`` program
+that runs without mono_quant. The Lightning callback lives in :mod:`mono_quant.lightning`.
 """
 
 from mono_quant.config import PRESETS, QuantConfig
 from mono_quant.evaluate import ComparisonReport, compare, model_size_bytes, sqnr_db
+from mono_quant.io import export, load, save
 from mono_quant.transform import (
     LayerReport,
     QuantizationReport,
@@ -30,9 +32,12 @@ __all__ = [
     "calibrate",
     "compare",
     "convert",
+    "export",
+    "load",
     "model_size_bytes",
     "prepare",
     "quantization_report",
     "quantize",
+    "save",
     "sqnr_db",
 ]

@@ -68,8 +68,52 @@ class ArbitraryObject:
 def test_read_never_unpickles_objects(tmp_path) -> None:
     torch.save({"format": "mono-quant", "object": ArbitraryObject()}, tmp_path / "evil.pt")
 
-    with pytest.raises(ValueError, match="UnpicklingError"):
+    with pytest.raises(ValueError, match=r"pickled Python object .*ArbitraryObject"):
         read_artifact(tmp_path / "evil.pt")
+
+
+def test_save_records_layer_classes(quantized: nn.Module, tmp_path) -> None:
+    artifact = read_artifact(save(quantized, tmp_path / "model.pt"))
+
+    assert artifact["quantized_types"] == {
+        "0": "mono_quant.nn.linear.QuantLinear",
+        "3": "mono_quant.nn.linear.QuantLinear",
+    }
+    assert artifact["mode"] == "ptq"
+
+
+class ParsedInt(int):
+    """An int subclass, like the ones argument parsers return (jsonargparse's PositiveInt)."""
+
+
+def test_save_stores_int_subclasses_as_int(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(64, 8))
+    quantized = mq.quantize(model, mq.QuantConfig(bits=4, group_size=ParsedInt(16)))
+
+    path = save(quantized, tmp_path / "model.pt", metadata={"epochs": ParsedInt(3)})
+
+    artifact = torch.load(path, weights_only=True)
+    assert type(artifact["config"]["group_size"]) is int
+    assert type(artifact["state_dict"]["0._extra_state"]["group_size"]) is int
+    assert type(artifact["metadata"]["epochs"]) is int
+
+
+def test_save_rejects_object_metadata(quantized: nn.Module, tmp_path) -> None:
+    with pytest.raises(TypeError, match=r"metadata\['run'\] has type ArbitraryObject"):
+        save(quantized, tmp_path / "model.pt", metadata={"run": ArbitraryObject()})
+
+    assert not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize("key", ["config", "layers", "state_dict"])
+def test_read_header_without_key_raises(quantized: nn.Module, tmp_path, key: str) -> None:
+    path = save(quantized, tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload[key]
+    torch.save(payload, path)
+
+    with pytest.raises(ValueError, match=f"no \\['{key}'\\]; the file is damaged"):
+        read_artifact(path)
 
 
 def test_read_missing_file_raises(tmp_path) -> None:

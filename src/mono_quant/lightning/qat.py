@@ -52,8 +52,12 @@ class QATOptions:
         return QATSchedule(fake_quant=started, observers=observing, freeze_bn=freeze_bn)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the options as plain values, for checkpoints."""
-        return asdict(self)
+        """Return the options as plain values, for checkpoints read with ``weights_only=True``."""
+        # jsonargparse passes NonNegativeInt, an int subclass that weights-only loading rejects.
+        return {
+            key: int(value) if isinstance(value, int) and not isinstance(value, bool) else value
+            for key, value in asdict(self).items()
+        }
 
 
 def load_qat_checkpoint(
