@@ -64,6 +64,8 @@ class QuantizeCallback(Callback):
         dtype: ``"auto"``, ``"int"``, ``"float16"`` or ``"bfloat16"``.
         include: name globs or class names of the layers to quantize (default: all supported).
         exclude: name globs or class names of layers to keep in float.
+        parameters: qualified names or globs of parameters that custom modules use through
+            functional calls, to store weight-only (for example ``["block.proj_weight"]``).
         calibration_batches: number of training batches used for calibration.
         metrics: torchmetrics metric or collection applied to ``(output, target)``; by default
             top-1 accuracy for classification outputs with integer targets.
@@ -98,6 +100,7 @@ class QuantizeCallback(Callback):
         dtype: Literal["auto", "int", "float16", "bfloat16"] = "auto",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        parameters: list[str] | None = None,
         calibration_batches: PositiveInt = 32,
         metrics: Metric | MetricCollection | None = None,
         save_dir: str | None = None,
@@ -137,6 +140,7 @@ class QuantizeCallback(Callback):
             dtype=dtype,
             include=tuple(include) if include is not None else None,
             exclude=tuple(exclude) if exclude is not None else None,
+            parameters=tuple(parameters) if parameters is not None else None,
         )
         self.qat_options = QATOptions(
             learnable_scale=learnable_scale,
