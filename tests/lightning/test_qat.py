@@ -309,7 +309,7 @@ def test_float_checkpoint_is_rejected_by_qat_loader(tmp_path: Path) -> None:
     trainer.fit(model)
     trainer.save_checkpoint(tmp_path / "float.ckpt")
 
-    with pytest.raises(ValueError, match="holds no mono_quant QAT state"):
+    with pytest.raises(ValueError, match="contains no mono_quant QAT state"):
         load_qat_checkpoint(ConvNet, tmp_path / "float.ckpt")
 
 

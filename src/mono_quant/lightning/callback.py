@@ -47,7 +47,7 @@ class QuantizeCallback(Callback):
     loggers, prints one table on rank zero and saves the quantized model. The float model stays the
     trainer's model, so ``trainer.test``, checkpoints and a second ``fit`` are unaffected.
 
-    After fit, ``quantized_model`` holds the quantized LightningModule, ``report`` the
+    After fit, ``quantized_model`` is the quantized LightningModule, ``report`` the
     :class:`~mono_quant.ComparisonReport` and ``layer_report`` the per-layer outcome.
 
     Args:

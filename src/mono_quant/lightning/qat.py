@@ -79,7 +79,7 @@ def load_qat_checkpoint(
     stored = checkpoint.get(CHECKPOINT_KEY)
     if not isinstance(stored, dict) or stored.get("mode") != "qat":
         raise ValueError(
-            f"{checkpoint_path} holds no mono_quant QAT state; it was not written by a Trainer "
+            f"{checkpoint_path} contains no mono_quant QAT state; it was not written by a Trainer "
             "with QuantizeCallback(mode='qat'). Load a float checkpoint with "
             f"{model_class.__name__}.load_from_checkpoint instead."
         )

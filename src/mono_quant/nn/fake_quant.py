@@ -62,7 +62,7 @@ class FakeQuantize(nn.Module):
 
     Args:
         spec: integer grid and granularity.
-        shape: shape of the tensors this quantizer sees (weights) or ``None`` for per_tensor
+        shape: shape of the tensors this quantizer receives (weights) or ``None`` for per_tensor
             activations; it fixes the qparams shape so ``state_dict`` shapes never change.
         observer: activation range observer; ``None`` for weights, whose qparams come from the
             weight itself.
@@ -147,7 +147,7 @@ class FakeQuantize(nn.Module):
 
         if not bool(self.fake_quant_enabled) or not bool(self.initialized):
             if self.learnable_scale and self.training:
-                # Keep the scale in the autograd graph so DDP sees every parameter used.
+                # Keep the scale in the autograd graph so DDP finds every parameter used.
                 return x + 0.0 * self.log_scale.sum()
             return x
 

@@ -51,7 +51,7 @@ class _QATMixin:
         self.input_fake_quant = input_fake_quant
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize the input as the activation mode says (dynamic: per call, per token)."""
+        """Fake-quantize the input per the activation mode (dynamic: qparams computed per call)."""
         if self.activations == "static" and self.input_fake_quant is not None:
             return self.input_fake_quant(x)
         if self.activations == "dynamic" and bool(self.weight_fake_quant.fake_quant_enabled):
