@@ -491,3 +491,45 @@ def test_qat_leaves_unsupported_layers_float() -> None:
     assert isinstance(converted[2], QuantizedLayer)
     reasons = quantization_report(converted).summary()["float_layers"]
     assert "Embedding stays in float during QAT" in reasons["0"]
+
+
+def test_loader_ignores_lightning_cli_entries(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    model = ConvNet()
+    trainer = _trainer(tmp_path, [_qat(bits=4)], max_epochs=1)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "qat.ckpt")
+    checkpoint = torch.load(tmp_path / "qat.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = "tests.ConvNet"
+    checkpoint["hyper_parameters"]["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
+    torch.save(checkpoint, tmp_path / "cli.ckpt")
+
+    loaded = load_qat_checkpoint(ConvNet, tmp_path / "cli.ckpt")
+
+    assert loaded.hparams.lr == model.hparams.lr
+    assert isinstance(loaded.net[0], QATConvBn2d)
+
+
+def test_fresh_trainer_tests_qat_checkpoint(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    model = ConvNet()
+    trainer = _trainer(tmp_path, [_qat(bits=4)], max_epochs=1)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "qat.ckpt")
+    expected = trainer.test(model, verbose=False)
+
+    fresh = _trainer(tmp_path, [_qat(bits=4)])
+    results = fresh.test(ConvNet(), ckpt_path=str(tmp_path / "qat.ckpt"), verbose=False)
+
+    assert results[0]["test_acc"] == expected[0]["test_acc"]
+
+
+def test_folded_batch_norm_not_reported_float(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    callback = _qat(bits=4)
+
+    _trainer(tmp_path, [callback], max_epochs=1).fit(ConvNet())
+
+    rows = {row.name: row for row in callback.layer_report.layers}
+    assert "net.1" not in rows
+    assert rows["net.0"].type_name == "Conv2d + BatchNorm2d"

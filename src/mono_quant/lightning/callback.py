@@ -183,7 +183,8 @@ class QuantizeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Runs before checkpoint weights are restored and before optimizers and DDP are set up,
         # so a resumed run loads its fake-quant state strictly and trains the same Parameters.
-        if self.mode != "qat" or stage != "fit":
+        # Every stage prepares, so test/validate/predict with a QAT checkpoint also load strictly.
+        if self.mode != "qat":
             return
         state = get_state(pl_module)
         if state is None:

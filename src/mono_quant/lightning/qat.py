@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -60,6 +61,19 @@ class QATOptions:
         }
 
 
+def _init_arguments(model_class: type, hyper_parameters: dict[str, Any]) -> dict[str, Any]:
+    """Return the saved hyper-parameters that ``model_class.__init__`` accepts.
+
+    LightningCLI adds bookkeeping entries such as ``_class_path`` and ``_instantiator``; they
+    are dropped unless ``__init__`` takes ``**kwargs``.
+    """
+    parameters = inspect.signature(model_class.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return {k: v for k, v in hyper_parameters.items() if not k.startswith("_")}
+    names = {p.name for p in parameters}
+    return {k: v for k, v in hyper_parameters.items() if k in names}
+
+
 def load_qat_checkpoint(
     model_class: type[ModuleType],
     checkpoint_path: str | os.PathLike[str],
@@ -83,7 +97,7 @@ def load_qat_checkpoint(
             "with QuantizeCallback(mode='qat'). Load a float checkpoint with "
             f"{model_class.__name__}.load_from_checkpoint instead."
         )
-    hyper_parameters = dict(checkpoint.get("hyper_parameters") or {})
+    hyper_parameters = _init_arguments(model_class, checkpoint.get("hyper_parameters") or {})
     model = model_class(**{**hyper_parameters, **model_kwargs})
 
     config = QuantConfig(**stored["config"])

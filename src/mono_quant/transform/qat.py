@@ -268,6 +268,9 @@ def convert_qat(model: nn.Module) -> nn.Module:
     names = {name for name, _ in qat_layers(converted)}
     for decision in state.decisions:
         if not decision.quantize:
+            if isinstance(converted.get_submodule(decision.name), nn.Identity):
+                # A batch norm folded into the conv before it; the conv's row names both.
+                continue
             report.layers.append(_float_row(decision, converted))
             continue
         if decision.name not in names:
