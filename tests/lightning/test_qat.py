@@ -533,3 +533,15 @@ def test_folded_batch_norm_not_reported_float(tmp_path: Path) -> None:
     rows = {row.name: row for row in callback.layer_report.layers}
     assert "net.1" not in rows
     assert rows["net.0"].type_name == "Conv2d + BatchNorm2d"
+
+
+def test_qat_report_float_size_excludes_quantizers(tmp_path: Path) -> None:
+    from mono_quant import model_size_bytes
+
+    L.seed_everything(0, verbose=False)
+    callback = _qat(bits=4)
+
+    _trainer(tmp_path, [callback], max_epochs=1).fit(ConvNet())
+
+    assert callback.report.float_size_bytes == model_size_bytes(ConvNet())
+    assert callback.fake_quant_report.reference_label == "fake-quant"

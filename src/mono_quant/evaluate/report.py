@@ -33,6 +33,8 @@ class ComparisonReport:
     num_samples: int
     num_batches: int
     title: str = "float vs quantized"
+    # Column header of the reference model, e.g. "fake-quant" when QAT compares against it.
+    reference_label: str = "float"
 
     @property
     def size_ratio(self) -> float:
@@ -94,7 +96,7 @@ class ComparisonReport:
             f"{'batch' if self.num_batches == 1 else 'batches'}",
         )
         table.add_column("figure")
-        table.add_column("float", justify="right")
+        table.add_column(self.reference_label, justify="right")
         table.add_column("quantized", justify="right")
         table.add_column("change", justify="right")
 

@@ -167,6 +167,18 @@ def qat_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def fake_quant_bytes(model: nn.Module) -> int:
+    """Return the bytes of QAT-only state: quantizer scales, observers, flags and learned scales."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, FakeQuantize):
+            tensors = [*module.parameters(), *module.buffers()]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        elif isinstance(module, _QATConvBnNd):
+            total += module.freeze_bn.numel() * module.freeze_bn.element_size()
+    return total
+
+
 def apply_schedule(model: nn.Module, schedule: QATSchedule) -> None:
     """Set the fake-quant, observer and batch-norm flags of every QAT layer in ``model``."""
     for module in model.modules():
