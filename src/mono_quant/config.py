@@ -1,4 +1,4 @@
-"""``QuantConfig``: one frozen object that says how a model is quantized, plus named presets."""
+"""``QuantConfig``: one frozen object that describes how a model is quantized, plus presets."""
 
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ def _check_patterns(
 class QuantConfig:
     """How to quantize a model. Field names match ``QuantizeCallback``'s arguments.
 
-    ``"auto"`` values are resolved from ``bits`` when the config is built: 8 bits gives int8
-    per-channel weights with static int8 activations (W8A8); fewer bits give weight-only
-    per-group weights with ``group_size`` 32; 16 bits gives a float16 cast.
+    ``"auto"`` values are resolved from ``bits`` when the config is built. 8 bits gives int8
+    per-channel weights with static int8 activations (W8A8). Fewer bits give weight-only
+    per-group weights with ``group_size`` 32, and 16 bits gives a float16 cast.
 
     Args:
         bits: weight width: 2 to 8 for integers, 16 for a float16/bfloat16 cast.

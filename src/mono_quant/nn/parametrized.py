@@ -4,7 +4,7 @@ A module that calls ``F.linear(x, self.proj_weight)`` or ``x @ self.table`` itse
 quantized counterpart. Its parameter can still be stored as integers: :func:`quantize_parameter`
 registers a ``torch.nn.utils.parametrize`` parametrization that stores the codes in buffers and
 returns the dequantized tensor whenever the module reads the attribute, so the module's own
-``forward`` runs unchanged. The float parameter is removed; the state_dict holds
+``forward`` runs unchanged. The float parameter is removed; the state_dict contains
 ``{module}.parametrizations.{name}.0.weight_codes`` and the qparams instead.
 
 NOTE: torch turns a parametrized module into a generated subclass, which ``torch.save(model)``
