@@ -8,7 +8,14 @@ that runs without mono_quant. The Lightning callback lives in :mod:`mono_quant.l
 """
 
 from mono_quant.config import PRESETS, QuantConfig
-from mono_quant.evaluate import ComparisonReport, compare, model_size_bytes, sqnr_db
+from mono_quant.evaluate import (
+    ComparisonReport,
+    SensitivityReport,
+    compare,
+    model_size_bytes,
+    sensitivity,
+    sqnr_db,
+)
 from mono_quant.io import export, load, save
 from mono_quant.transform import (
     LayerReport,
@@ -28,6 +35,7 @@ __all__ = [
     "LayerReport",
     "QuantConfig",
     "QuantizationReport",
+    "SensitivityReport",
     "__version__",
     "calibrate",
     "compare",
@@ -39,5 +47,6 @@ __all__ = [
     "quantization_report",
     "quantize",
     "save",
+    "sensitivity",
     "sqnr_db",
 ]

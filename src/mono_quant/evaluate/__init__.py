@@ -3,6 +3,15 @@
 from mono_quant.evaluate.compare import compare
 from mono_quant.evaluate.errors import sqnr_db
 from mono_quant.evaluate.report import ComparisonReport
+from mono_quant.evaluate.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
 from mono_quant.evaluate.size import model_size_bytes
 
-__all__ = ["ComparisonReport", "compare", "model_size_bytes", "sqnr_db"]
+__all__ = [
+    "ComparisonReport",
+    "LayerSensitivity",
+    "SensitivityReport",
+    "compare",
+    "model_size_bytes",
+    "sensitivity",
+    "sqnr_db",
+]
