@@ -68,11 +68,6 @@ class QuantMultiheadAttention(QuantizedLayer):
         activations: ActivationMode | None = None,
         weight_qparams: dict[str, QParams | None] | None = None,
     ) -> None:
-        if activations == "static":
-            raise ValueError(
-                "QuantMultiheadAttention does not support static activations; use "
-                "activations='dynamic' or None."
-            )
         super().__init__(
             self.float_weights(module), weight_spec, None, activations, None, weight_qparams
         )

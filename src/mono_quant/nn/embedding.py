@@ -8,6 +8,8 @@ every activation mode.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,14 +17,6 @@ from torch import nn
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import ActivationMode
 from mono_quant.nn.quantized import QParams, QuantizedLayer
-
-
-def _check_weight_only(layer: str, activations: ActivationMode | None) -> None:
-    if activations is not None:
-        raise ValueError(
-            f"{layer} takes integer indices, which have no activation range, so activations="
-            f"{activations!r} does not apply; pass activations=None (weight-only)."
-        )
 
 
 def _check_row_spec(layer: str, spec: QuantSpec) -> None:
@@ -41,7 +35,61 @@ def _unique_rows(
     return layer.dequantized_rows(unique, dtype), inverse
 
 
-class QuantEmbedding(QuantizedLayer):
+class _QuantEmbeddingBase(QuantizedLayer):
+    """Table storage and construction shared by the quantized embedding layers."""
+
+    supports_static = False
+    supports_dynamic = False
+    weight_only_reason = "its inputs are integer indices, which are never quantized"
+    _float_type: ClassVar[type[nn.Module]]
+    # Float-module attributes copied onto the quantized layer, beyond the shared ones.
+    _extra_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        module: nn.Embedding | nn.EmbeddingBag,
+        weight_spec: QuantSpec,
+        weight_qparams: QParams | None = None,
+    ) -> None:
+        _check_row_spec(type(self).__name__, weight_spec)
+        super().__init__(module.weight, weight_spec, None, None, None, weight_qparams)
+        shared = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type")
+        for name in (*shared, "scale_grad_by_freq", "sparse", *self._extra_attributes):
+            setattr(self, name, getattr(module, name))
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Embedding | nn.EmbeddingBag,
+        weight_spec: QuantSpec,
+        activations: ActivationMode | None = None,
+        input_qparams: QParams | None = None,
+        weight_qparams: QParams | None = None,
+    ) -> Any:
+        """Build a quantized copy of ``module``; the float module is left unchanged.
+
+        Raises:
+            ValueError: when ``activations`` is not None, because indices are not quantized.
+        """
+        if type(module) is not cls._float_type:
+            raise TypeError(
+                f"{cls.__name__}.from_float expects {cls._float_type.__name__}, got "
+                f"{type(module).__name__}."
+            )
+        cls.check_activations(activations)
+        return cls(module, weight_spec, weight_qparams)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized float table, for code that reads ``.weight`` directly.
+
+        NOTE: each read dequantizes the whole table; a lookup through ``forward`` reads only the
+        rows it needs.
+        """
+        return self.dequantized_weight()
+
+
+class QuantEmbedding(_QuantEmbeddingBase):
     """``nn.Embedding`` with an integer table; integer indices in, float vectors out.
 
     ``padding_idx`` keeps its float meaning (it only affects gradients). A padding row that is
@@ -49,55 +97,7 @@ class QuantEmbedding(QuantizedLayer):
     ``max_norm`` renormalizes the looked-up float rows; the stored codes never change.
     """
 
-    supports_static = False
-    supports_dynamic = False
-    weight_only_reason = "its inputs are integer indices, which are never quantized"
-
-    def __init__(
-        self,
-        module: nn.Embedding,
-        weight_spec: QuantSpec,
-        weight_qparams: QParams | None = None,
-    ) -> None:
-        _check_row_spec(type(self).__name__, weight_spec)
-        super().__init__(module.weight, weight_spec, None, None, None, weight_qparams)
-        self.num_embeddings = module.num_embeddings
-        self.embedding_dim = module.embedding_dim
-        self.padding_idx = module.padding_idx
-        self.max_norm = module.max_norm
-        self.norm_type = module.norm_type
-        self.scale_grad_by_freq = module.scale_grad_by_freq
-        self.sparse = module.sparse
-
-    @classmethod
-    def from_float(
-        cls,
-        module: nn.Embedding,
-        weight_spec: QuantSpec,
-        activations: ActivationMode | None = None,
-        input_qparams: QParams | None = None,
-        weight_qparams: QParams | None = None,
-    ) -> QuantEmbedding:
-        """Build a quantized copy of ``module``; the float module is left unchanged.
-
-        Raises:
-            ValueError: when ``activations`` is not None, because indices are not quantized.
-        """
-        if type(module) is not nn.Embedding:
-            raise TypeError(
-                f"{cls.__name__}.from_float expects Embedding, got {type(module).__name__}."
-            )
-        _check_weight_only(cls.__name__, activations)
-        return cls(module, weight_spec, weight_qparams)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dequantized float table, for code that reads ``embedding.weight`` directly.
-
-        NOTE: each read dequantizes the whole table; a lookup through ``forward`` reads only the
-        rows it needs.
-        """
-        return self.dequantized_weight()
+    _float_type = nn.Embedding
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows, inverse = _unique_rows(self, input, torch.float32)
@@ -114,60 +114,15 @@ class QuantEmbedding(QuantizedLayer):
         return f"{self.num_embeddings}, {self.embedding_dim}, {super().extra_repr()}"
 
 
-class QuantEmbeddingBag(QuantizedLayer):
+class QuantEmbeddingBag(_QuantEmbeddingBase):
     """``nn.EmbeddingBag`` with an integer table; sums, means or maxima of float rows out.
 
     ``offsets``, ``per_sample_weights``, ``padding_idx`` and ``include_last_offset`` behave as
     in the float layer. ``per_sample_weights`` are floats but are not quantized.
     """
 
-    supports_static = False
-    supports_dynamic = False
-    weight_only_reason = "its inputs are integer indices, which are never quantized"
-
-    def __init__(
-        self,
-        module: nn.EmbeddingBag,
-        weight_spec: QuantSpec,
-        weight_qparams: QParams | None = None,
-    ) -> None:
-        _check_row_spec(type(self).__name__, weight_spec)
-        super().__init__(module.weight, weight_spec, None, None, None, weight_qparams)
-        self.num_embeddings = module.num_embeddings
-        self.embedding_dim = module.embedding_dim
-        self.padding_idx = module.padding_idx
-        self.max_norm = module.max_norm
-        self.norm_type = module.norm_type
-        self.scale_grad_by_freq = module.scale_grad_by_freq
-        self.mode = module.mode
-        self.sparse = module.sparse
-        self.include_last_offset = module.include_last_offset
-
-    @classmethod
-    def from_float(
-        cls,
-        module: nn.EmbeddingBag,
-        weight_spec: QuantSpec,
-        activations: ActivationMode | None = None,
-        input_qparams: QParams | None = None,
-        weight_qparams: QParams | None = None,
-    ) -> QuantEmbeddingBag:
-        """Build a quantized copy of ``module``; the float module is left unchanged.
-
-        Raises:
-            ValueError: when ``activations`` is not None, because indices are not quantized.
-        """
-        if type(module) is not nn.EmbeddingBag:
-            raise TypeError(
-                f"{cls.__name__}.from_float expects EmbeddingBag, got {type(module).__name__}."
-            )
-        _check_weight_only(cls.__name__, activations)
-        return cls(module, weight_spec, weight_qparams)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dequantized float table, for code that reads ``embedding_bag.weight`` directly."""
-        return self.dequantized_weight()
+    _float_type = nn.EmbeddingBag
+    _extra_attributes = ("mode", "include_last_offset")
 
     def _bag(
         self,

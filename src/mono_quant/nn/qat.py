@@ -20,6 +20,11 @@ from mono_quant.nn.activation import DYNAMIC_SPEC, STATIC_SPEC, ActivationMode
 from mono_quant.nn.fake_quant import FakeQuantize
 
 
+def bn_fold_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """Return ``gamma / sqrt(running_var + eps)``, the per-channel scale that folding applies."""
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
 def _adopt(target: nn.Module, source: nn.Module) -> None:
     """Give ``target`` the attributes, Parameters and buffers of ``source`` (same objects)."""
     for key, value in vars(source).items():
@@ -39,6 +44,20 @@ class _QATMixin:
     activations: ActivationMode | None
     # Linear layers get one scale per token; convolutions one per tensor (channels sit in dim 1).
     _dynamic_spec: QuantSpec = DYNAMIC_SPEC
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        weight_fake_quant: FakeQuantize,
+        activations: ActivationMode | None = None,
+        input_fake_quant: FakeQuantize | None = None,
+    ) -> Any:
+        """Wrap ``module``'s Parameters; ``module`` itself is not modified."""
+        layer = cls.__new__(cls)
+        _adopt(layer, module)
+        layer._init_quantizers(weight_fake_quant, activations, input_fake_quant)
+        return layer
 
     def _init_quantizers(
         self,
@@ -65,20 +84,6 @@ class _QATMixin:
 class QATLinear(_QATMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input, sharing the float layer's Parameters."""
 
-    @classmethod
-    def from_float(
-        cls,
-        module: nn.Linear,
-        weight_fake_quant: FakeQuantize,
-        activations: ActivationMode | None = None,
-        input_fake_quant: FakeQuantize | None = None,
-    ) -> QATLinear:
-        """Wrap ``module``'s Parameters; ``module`` itself is not modified."""
-        layer = cls.__new__(cls)
-        _adopt(layer, module)
-        layer._init_quantizers(weight_fake_quant, activations, input_fake_quant)
-        return layer
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight_fake_quant(self.weight)
         return F.linear(self.quantize_input(input), weight, self.bias)
@@ -88,20 +93,6 @@ class _QATConvNd(_QATMixin):
     """Shared forward of the QAT convolutions."""
 
     _dynamic_spec = STATIC_SPEC
-
-    @classmethod
-    def from_float(
-        cls,
-        module: nn.modules.conv._ConvNd,
-        weight_fake_quant: FakeQuantize,
-        activations: ActivationMode | None = None,
-        input_fake_quant: FakeQuantize | None = None,
-    ) -> Any:
-        """Wrap ``module``'s Parameters; ``module`` itself is not modified."""
-        layer = cls.__new__(cls)
-        _adopt(layer, module)
-        layer._init_quantizers(weight_fake_quant, activations, input_fake_quant)
-        return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight_fake_quant(self.weight)
@@ -154,7 +145,7 @@ class _QATConvBnNd(_QATConvNd):
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the weight and bias of the conv with the batch norm's running stats folded in."""
         bn = self.bn
-        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        factor = bn_fold_factor(bn)
         weight = self.weight * self._channel_view(factor, self.weight.dim())
         bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
         return weight, bn.bias + (bias - bn.running_mean) * factor
@@ -174,7 +165,7 @@ class _QATConvBnNd(_QATConvNd):
             return self._conv_forward(x, self.weight_fake_quant(weight), bias)  # type: ignore[attr-defined]
 
         bn = self.bn
-        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        factor = bn_fold_factor(bn)
         safe = torch.where(factor == 0, torch.ones_like(factor), factor)
         weight = self.weight * self._channel_view(safe, self.weight.dim())
         out = self._conv_forward(x, self.weight_fake_quant(weight), None)  # type: ignore[attr-defined]

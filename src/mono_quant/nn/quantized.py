@@ -68,6 +68,25 @@ class QuantizedLayer(nn.Module):
     static_fallback: ClassVar[ActivationMode | None] = None
     weight_only_reason: ClassVar[str] = "its inputs are not quantized"
 
+    @classmethod
+    def check_activations(cls, activations: ActivationMode | None) -> None:
+        """Raise ``ValueError`` when this layer type cannot quantize its inputs that way."""
+        if activations is not None and activations not in ACTIVATION_MODES:
+            raise ValueError(
+                f"activations={activations!r} is not one of {ACTIVATION_MODES} or None."
+            )
+        if activations == "static" and not cls.supports_static and cls.supports_dynamic:
+            raise ValueError(
+                f"{cls.__name__} does not support static activations; use "
+                "activations='dynamic' or None."
+            )
+        supported = cls.supports_static if activations == "static" else cls.supports_dynamic
+        if activations is not None and not supported:
+            raise ValueError(
+                f"{cls.__name__} does not support {activations} activations because "
+                f"{cls.weight_only_reason}; pass activations=None (weight-only)."
+            )
+
     def __init__(
         self,
         weight: torch.Tensor | Mapping[str, torch.Tensor],
@@ -78,10 +97,7 @@ class QuantizedLayer(nn.Module):
         weight_qparams: QParams | Mapping[str, QParams | None] | None = None,
     ) -> None:
         super().__init__()
-        if activations is not None and activations not in ACTIVATION_MODES:
-            raise ValueError(
-                f"activations={activations!r} is not one of {ACTIVATION_MODES} or None."
-            )
+        self.check_activations(activations)
         if activations == "static" and input_qparams is None:
             raise ValueError("static activations need input qparams from calibration.")
 

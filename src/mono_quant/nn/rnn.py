@@ -48,11 +48,8 @@ class _QuantRNNBase(QuantizedLayer):
         activations: ActivationMode | None = None,
         weight_qparams: dict[str, QParams | None] | None = None,
     ) -> None:
-        if activations == "static":
-            raise ValueError(
-                f"{type(self).__name__} does not support static activations, because its hidden "
-                "state changes at every step; use activations='dynamic' or None."
-            )
+        # Static activations are rejected by the base class (supports_static is False), because
+        # the hidden state's range changes at every step.
         super().__init__(
             self.float_weights(module), weight_spec, None, activations, None, weight_qparams
         )

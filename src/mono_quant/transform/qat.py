@@ -16,7 +16,13 @@ from mono_quant.config import QuantConfig, resolve_config
 from mono_quant.core.observers import make_observer
 from mono_quant.nn.activation import STATIC_SPEC
 from mono_quant.nn.fake_quant import FakeQuantize
-from mono_quant.nn.qat import CONV_BN_PATTERNS, QAT_MODULES, _QATConvBnNd, _QATMixin
+from mono_quant.nn.qat import (
+    CONV_BN_PATTERNS,
+    QAT_MODULES,
+    _QATConvBnNd,
+    _QATMixin,
+    bn_fold_factor,
+)
 from mono_quant.nn.quantized import QuantizedLayer
 from mono_quant.nn.registry import QUANTIZED_MODULES
 from mono_quant.transform.convert import _float_row, _group_note, _tensor_bytes
@@ -156,7 +162,7 @@ def _qat_decision(decision: LayerDecision, model: nn.Module) -> LayerDecision:
 
 def _fold_for_init(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     with torch.no_grad():
-        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        factor = bn_fold_factor(bn)
         return conv.weight * factor.reshape(-1, *([1] * (conv.weight.dim() - 1)))
 
 
