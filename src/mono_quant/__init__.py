@@ -1,10 +1,11 @@
 """mono-quant: model-agnostic quantization for PyTorch, with PyTorch Lightning as its main face.
 
-Python entry points: :func:`quantize` (prepare, calibrate, convert in one call), the separate
-steps :func:`prepare`, :func:`calibrate` and :func:`convert`, :func:`compare` for a
-torchmetrics comparison of the float and the quantized model, :func:`save` and :func:`load` for
-files that load without running pickled code, and :func:`export` for a ``torch.export`` program
-that runs without mono_quant. The Lightning callback lives in :mod:`mono_quant.lightning`.
+:func:`quantize` runs prepare, calibrate and convert in one call; :func:`prepare`,
+:func:`calibrate` and :func:`convert` are the separate steps. :func:`compare` runs a torchmetrics
+comparison of the float and the quantized model, and :func:`sensitivity` ranks layers by what
+quantizing each one costs. :func:`save` and :func:`load` write and read files without running
+pickled code, and :func:`export` writes a ``torch.export`` program that runs without mono_quant.
+The Lightning callback is in :mod:`mono_quant.lightning`.
 """
 
 from mono_quant.config import PRESETS, QuantConfig

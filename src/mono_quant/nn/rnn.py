@@ -7,7 +7,7 @@ scales are per gate row (axis 0).
 
 Weight-only layers dequantize the matrices and run torch's fused recurrent kernel. Dynamic
 layers run the recurrence step by step in Python, because each step's hidden state is quantized
-per token before the hidden-to-hidden matmul; that path is ``forward_reference``.
+per token before the hidden-to-hidden matmul. That step-by-step path is ``forward_reference``.
 """
 
 from __future__ import annotations
