@@ -1,6 +1,7 @@
 """mono-quant: model-agnostic quantization for PyTorch, with PyTorch Lightning as its main face.
 
-:func:`quantize` runs prepare, calibrate and convert in one call; :func:`prepare`,
+:func:`quantize` runs prepare, calibrate and convert in one call, optionally under a metric
+budget that keeps the most sensitive layers wider; :func:`prepare`,
 :func:`calibrate` and :func:`convert` are the separate steps. :func:`compare` runs a torchmetrics
 comparison of the float and the quantized model, and :func:`sensitivity` ranks layers by what
 quantizing each one costs. :func:`save` and :func:`load` write and read files without running
@@ -8,12 +9,16 @@ pickled code, and :func:`export` writes a ``torch.export`` program that runs wit
 The Lightning callback is in :mod:`mono_quant.lightning`.
 """
 
+from mono_quant.api import quantize
 from mono_quant.config import PRESETS, QuantConfig
 from mono_quant.evaluate import (
+    BudgetReport,
     ComparisonReport,
     SensitivityReport,
+    budget_report,
     compare,
     model_size_bytes,
+    quantize_with_budget,
     sensitivity,
     sqnr_db,
 )
@@ -25,19 +30,20 @@ from mono_quant.transform import (
     convert,
     prepare,
     quantization_report,
-    quantize,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "BudgetReport",
     "ComparisonReport",
     "LayerReport",
     "QuantConfig",
     "QuantizationReport",
     "SensitivityReport",
     "__version__",
+    "budget_report",
     "calibrate",
     "compare",
     "convert",
@@ -47,6 +53,7 @@ __all__ = [
     "prepare",
     "quantization_report",
     "quantize",
+    "quantize_with_budget",
     "save",
     "sensitivity",
     "sqnr_db",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 from mono_quant.core.observers import OBSERVERS
@@ -39,6 +41,60 @@ def _check_patterns(
     return patterns
 
 
+# Fields an override may change for the layers it matches; selection fields stay model-wide.
+OVERRIDE_FIELDS = (
+    "bits",
+    "activations",
+    "activation_granularity",
+    "granularity",
+    "group_size",
+    "symmetric",
+    "observer",
+    "weight_observer",
+    "dtype",
+)
+# Written as the value of an override to keep the matched layers in float.
+FLOAT_OVERRIDE = "float"
+
+Overrides = tuple[tuple[str, tuple[tuple[str, Any], ...] | None], ...]
+
+
+def _check_overrides(overrides: Any) -> Overrides | None:
+    """Return ``overrides`` as a hashable tuple of ``(pattern, changes or None)`` pairs."""
+    if overrides is None:
+        return None
+    if isinstance(overrides, tuple) and all(isinstance(item, tuple) for item in overrides):
+        overrides = {pattern: changes for pattern, changes in overrides}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(
+            "overrides must map layer name globs or class names to field changes, such as "
+            f"{{'features.0': {{'bits': 8}}, 'classifier': None}}; got {type(overrides).__name__}."
+        )
+    normalized = []
+    for pattern, changes in overrides.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"overrides keys must be non-empty strings, got {pattern!r}.")
+        if changes is None or changes == FLOAT_OVERRIDE:
+            normalized.append((pattern, None))
+            continue
+        if isinstance(changes, tuple):
+            changes = dict(changes)
+        if not isinstance(changes, Mapping):
+            raise TypeError(
+                f"overrides[{pattern!r}] must be a mapping of field changes such as "
+                f"{{'bits': 8}}, or None (or {FLOAT_OVERRIDE!r}) to keep the layers in float; "
+                f"got {changes!r}."
+            )
+        unknown = sorted(set(changes) - set(OVERRIDE_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"overrides[{pattern!r}] changes {unknown}, which cannot vary by layer; use "
+                f"fields from {list(OVERRIDE_FIELDS)}."
+            )
+        normalized.append((pattern, tuple(changes.items())))
+    return tuple(normalized)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How to quantize a model. Field names match ``QuantizeCallback``'s arguments.
@@ -67,6 +123,13 @@ class QuantConfig:
             ``"blocks.*.table"``) of modules without a quantized counterpart, to store as
             integer codes (or 16-bit copies) weight-only. The module's own ``forward`` keeps
             working because reading the attribute returns the dequantized tensor.
+        overrides: per-layer changes, ``{pattern: {field: value}}``, where a pattern is a
+            qualified-name glob or class name as in ``include``. The first matching pattern
+            wins. Its fields replace this config's for the matched layers; the fields it does
+            not name keep this config's resolved values, except that a new ``granularity``
+            resets ``group_size`` and ``bits=16`` switches to a float16 cast. ``None`` (or
+            ``"float"``) keeps the matched layers in float. Example: ``{"features.0": {"bits":
+            8, "granularity": "per_channel"}, "classifier": None}``.
     """
 
     bits: int = 8
@@ -80,6 +143,7 @@ class QuantConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     parameters: tuple[str, ...] | None = None
+    overrides: Overrides | None = None
 
     def __post_init__(self) -> None:
         self._set("include", _check_patterns("include", self.include))
@@ -95,6 +159,13 @@ class QuantConfig:
                     f"{field}={getattr(self, field)!r} is not a known observer; use one of "
                     f"{sorted(OBSERVERS)}."
                 )
+        self._set("overrides", _check_overrides(self.overrides))
+        for pattern, changes in self.overrides or ():
+            if changes is not None:
+                try:
+                    self._apply_override(dict(changes))
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"overrides[{pattern!r}]: {error}") from None
 
     def _set(self, field: str, value: Any) -> None:
         object.__setattr__(self, field, value)
@@ -198,7 +269,42 @@ class QuantConfig:
         for field in ("include", "exclude", "parameters"):
             if values[field] is not None:
                 values[field] = list(values[field])
+        if self.overrides is not None:
+            values["overrides"] = {
+                pattern: None if changes is None else dict(changes)
+                for pattern, changes in self.overrides
+            }
         return values
+
+    def _apply_override(self, changes: dict[str, Any]) -> QuantConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in OVERRIDE_FIELDS}
+        if "granularity" in changes and "group_size" not in changes:
+            values["group_size"] = None
+        if changes.get("bits") == 16 and "dtype" not in changes:
+            values.update(dtype="auto", activations=None, granularity="auto", group_size=None)
+        elif "bits" in changes and not self.is_integer and "dtype" not in changes:
+            values.update(dtype="auto", activations="auto", granularity="auto", group_size=None)
+        return QuantConfig(**{**values, **changes})
+
+    def for_layer(self, name: str, module: Any = None) -> QuantConfig | None:
+        """Return the config of one layer after ``overrides``; ``None`` keeps it in float.
+
+        ``module`` lets a pattern match the layer's class name as well as its qualified name.
+        The returned config has no ``include``, ``exclude``, ``parameters`` or ``overrides``.
+        """
+        for pattern, changes in self.overrides or ():
+            by_type = module is not None and type(module).__name__ == pattern
+            if fnmatch.fnmatchcase(name, pattern) or by_type:
+                return None if changes is None else self._apply_override(dict(changes))
+        return self._apply_override({}) if self.overrides else self
+
+    @property
+    def calibrates_any_layer(self) -> bool:
+        """True when this config or one of its overrides uses static activations."""
+        return self.needs_calibration or any(
+            changes is not None and self._apply_override(dict(changes)).needs_calibration
+            for _, changes in self.overrides or ()
+        )
 
     def replace(self, **changes: Any) -> QuantConfig:
         """Return a copy with ``changes`` applied and validated."""

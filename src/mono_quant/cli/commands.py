@@ -116,7 +116,7 @@ def run_quantize(
     train_loader, eval_loader = prepare_data(objects.data, config.eval_split)
 
     calibration = None
-    if quant_config.needs_calibration:
+    if quant_config.calibrates_any_layer:
         if train_loader is None:
             raise ValueError(
                 f"{type(objects.data).__name__} has no train_dataloader, which static "

@@ -314,7 +314,16 @@ def _set_loaded_state(model: nn.Module, config: QuantConfig, rows: list[LayerRep
         for row in rows
     ]
     report = QuantizationReport(config=config.to_dict(), layers=rows)
-    set_state(model, QuantizationState(config=config, decisions=decisions, report=report))
+    layer_configs = {}
+    if config.overrides:
+        for decision in decisions:
+            layer_config = config.for_layer(decision.name)
+            if decision.quantize and layer_config is not None:
+                layer_configs[decision.name] = layer_config
+    state = QuantizationState(
+        config=config, decisions=decisions, report=report, layer_configs=layer_configs
+    )
+    set_state(model, state)
 
 
 def rebuild_quantized_layers(
@@ -353,7 +362,8 @@ def rebuild_quantized_layers(
             parameters.append((module, attribute, row.name))
             continue
         try:
-            layer = _build_quantized_layer(module, row.name, config, state_dict)
+            layer_config = config.for_layer(row.name, module) or config
+            layer = _build_quantized_layer(module, row.name, layer_config, state_dict)
             _load_layer_state(layer, row.name, state_dict)
         except (TypeError, ValueError, RuntimeError) as error:
             raise ValueError(_layer_message(row.name, error)) from None

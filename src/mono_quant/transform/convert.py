@@ -358,7 +358,10 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
             continue
         with torch.no_grad():
             layer, row = _quantize_layer(
-                model.get_submodule(decision.name), decision.name, state.config, shared
+                model.get_submodule(decision.name),
+                decision.name,
+                state.config_for(decision.name),
+                shared,
             )
         model = replace_module(model, decision.name, layer)
         rows.append(row)

@@ -13,6 +13,7 @@ from mono_quant.nn.activation import STATIC_SPEC
 from mono_quant.nn.attention import disable_fused_transformer_paths
 from mono_quant.nn.observed import ObservedLayer
 from mono_quant.nn.registry import calibrates_input
+from mono_quant.transform.overrides import apply_overrides
 from mono_quant.transform.select import select_layers
 from mono_quant.transform.state import QuantizationState, get_state, replace_module, set_state
 
@@ -22,7 +23,8 @@ def prepare(
 ) -> nn.Module:
     """Return ``model`` ready for calibration and ``convert``.
 
-    Selects layers by ``config.include``/``config.exclude`` and, for static activations, wraps
+    Selects layers by ``config.include``/``config.exclude``, applies ``config.overrides`` and,
+    for layers with static activations, wraps
     each selected layer in an :class:`ObservedLayer` that records its input range. The model is
     deep-copied first unless ``inplace`` is True.
 
@@ -39,6 +41,7 @@ def prepare(
         model = copy.deepcopy(model)
 
     decisions = select_layers(model, config.include, config.exclude)
+    decisions, layer_configs = apply_overrides(model, config, decisions)
     selected = [decision for decision in decisions if decision.quantize]
     if not selected:
         patterns = f" include={list(config.include)}" if config.include is not None else ""
@@ -49,19 +52,23 @@ def prepare(
             stacklevel=2,
         )
 
-    if config.needs_calibration:
+    state = QuantizationState(config=config, decisions=decisions, layer_configs=layer_configs)
+    if state.needs_calibration:
         for decision in selected:
             layer = model.get_submodule(decision.name)
+            layer_config = state.config_for(decision.name)
+            if not layer_config.needs_calibration:
+                continue
             if not calibrates_input(layer):
                 # Embeddings take integer indices, and recurrent and attention layers quantize
                 # their activations dynamically under a static config: no input observer.
                 continue
-            observer = make_observer(config.observer, STATIC_SPEC)
+            observer = make_observer(layer_config.observer, STATIC_SPEC)
             model = replace_module(
                 model, decision.name, ObservedLayer(layer, observer, decision.name)
             )
         # Fused transformer paths read linear1.weight directly, which an ObservedLayer lacks.
         disable_fused_transformer_paths(model)
 
-    set_state(model, QuantizationState(config=config, decisions=decisions))
+    set_state(model, state)
     return model

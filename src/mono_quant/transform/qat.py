@@ -99,6 +99,12 @@ def prepare_qat(
         ValueError: for a 16-bit float config or a model that is already prepared.
     """
     config = resolve_config(config)
+    if config.overrides:
+        raise ValueError(
+            f"QAT uses one config for every layer, but overrides={config.to_dict()['overrides']} "
+            "was given; keep layers in float with exclude=[...], or apply overrides with "
+            "post-training quantization (mode='ptq')."
+        )
     if not config.is_integer:
         raise ValueError(
             f"QAT needs integer weights (bits 2 to 8), got dtype={config.dtype!r}; float16 and "

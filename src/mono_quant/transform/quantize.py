@@ -11,6 +11,7 @@ from mono_quant.config import QuantConfig, resolve_config
 from mono_quant.transform.calibrate import calibrate
 from mono_quant.transform.convert import convert
 from mono_quant.transform.prepare import prepare
+from mono_quant.transform.state import get_state
 
 
 def quantize(
@@ -40,7 +41,7 @@ def quantize(
             f"calibration_batches={calibration_batches} must be a positive number of batches, "
             "or None to use every batch of calibration_data."
         )
-    if config.needs_calibration and calibration_data is None:
+    if config.calibrates_any_layer and calibration_data is None:
         raise ValueError(
             f"config {config.label!r} uses static activations, whose ranges come from "
             "calibration data; pass calibration_data (a DataLoader or an iterable of batches), "
@@ -48,6 +49,6 @@ def quantize(
         )
 
     prepared = prepare(model, config, inplace=inplace)
-    if config.needs_calibration:
+    if get_state(prepared).needs_calibration:
         calibrate(prepared, calibration_data, max_batches=calibration_batches)  # type: ignore[arg-type]
     return convert(prepared, inplace=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -15,12 +16,28 @@ STATE_ATTRIBUTE = "_mono_quant_state"
 
 @dataclass
 class QuantizationState:
-    """The config, the layer decisions of ``prepare`` and, after ``convert``, its report."""
+    """The config, the layer decisions of ``prepare`` and, after ``convert``, its report.
+
+    ``layer_configs`` holds the configs of layers that ``config.overrides`` changed; ``budget``
+    holds the report of a metric-budget search when one chose the per-layer formats.
+    """
 
     config: QuantConfig
     decisions: list[LayerDecision]
     report: QuantizationReport | None = None
     mode: str = "ptq"
+    layer_configs: dict[str, QuantConfig] = field(default_factory=dict)
+    budget: Any = None
+
+    def config_for(self, name: str) -> QuantConfig:
+        """Return the config that layer ``name`` is quantized with."""
+        return self.layer_configs.get(name, self.config)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when a selected layer uses static activations."""
+        selected = [d.name for d in self.decisions if d.quantize]
+        return any(self.config_for(name).needs_calibration for name in selected)
 
 
 def get_state(model: nn.Module) -> QuantizationState | None:
