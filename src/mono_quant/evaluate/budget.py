@@ -14,7 +14,7 @@ import io
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -240,6 +240,7 @@ def quantize_with_budget(
     ladder: Sequence[Step] | None = None,
     max_batches: int | None = None,
     calibration_batches: int | None = None,
+    broadcast: Callable[[Any], Any] | None = None,
 ) -> tuple[nn.Module, BudgetReport]:
     """Quantize ``model`` as small as the search finds within a metric budget on ``monitor``.
 
@@ -261,6 +262,9 @@ def quantize_with_budget(
             :func:`default_ladder`.
         max_batches: evaluate on at most this many batches.
         calibration_batches: calibrate on at most this many batches.
+        broadcast: under torch.distributed, a function that returns rank zero's copy of a
+            value (Lightning's ``trainer.strategy.broadcast``). The layer ranking goes through
+            it, so every process builds the same candidates.
 
     Returns:
         The best model found and its :class:`BudgetReport`. When no mix meets the budget the
@@ -327,6 +331,8 @@ def quantize_with_budget(
         )
         search.evaluations += len(ranking.layers)
         order = [layer.name for layer in ranking.layers]
+        if broadcast is not None:
+            order = list(broadcast(order))
         levels = dict.fromkeys(order, 0)
         best, met = _widen(search, order, levels, best, drop_of, meets)
         if met:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from rich.console import Console
@@ -17,7 +17,7 @@ from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
 from mono_quant.config import QuantConfig
-from mono_quant.evaluate import ComparisonReport, compare
+from mono_quant.evaluate import BudgetReport, ComparisonReport, compare, quantize_with_budget
 from mono_quant.io import save
 from mono_quant.lightning.qat import CHECKPOINT_KEY, QATOptions
 from mono_quant.transform import QuantizationReport, quantization_report, quantize
@@ -75,6 +75,11 @@ class QuantizeCallback(Callback):
         calibration_batches: number of training batches used for calibration.
         metrics: torchmetrics metric or collection applied to ``(output, target)``; by default
             top-1 accuracy for classification outputs with integer targets.
+        max_metric_drop: PTQ only: the largest allowed drop of ``monitor`` on the validation
+            data, in the metric's units (0.01 is one accuracy point). Layers then move to wider
+            formats (int8, then float), most sensitive first, until the drop fits.
+        monitor: the metric the budget holds: a name from ``metrics`` or a unique prefix of
+            one (``"acc"`` for the default ``accuracy``); default the first metric.
         save_dir: folder for the quantized model file; default the trainer's ``log_dir``.
         save_model: write the quantized model file at fit end.
         verbose: print the comparison table on rank zero.
@@ -109,6 +114,8 @@ class QuantizeCallback(Callback):
         parameters: list[str] | None = None,
         calibration_batches: PositiveInt = 32,
         metrics: Metric | MetricCollection | None = None,
+        max_metric_drop: NonNegativeFloat | None = None,
+        monitor: str | None = None,
         save_dir: str | None = None,
         save_model: bool = True,
         verbose: bool = True,
@@ -156,6 +163,24 @@ class QuantizeCallback(Callback):
             freeze_observers_epoch=freeze_observers_epoch,
             freeze_bn_epoch=freeze_bn_epoch,
         )
+        if max_metric_drop is not None:
+            if isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)):
+                raise TypeError(f"max_metric_drop must be a number, got {max_metric_drop!r}.")
+            if not max_metric_drop >= 0:
+                raise ValueError(
+                    f"max_metric_drop={max_metric_drop} must be at least 0, in the metric's "
+                    "units (0.01 is one accuracy point)."
+                )
+            if mode == "qat":
+                raise ValueError(
+                    "max_metric_drop searches post-training formats, so it needs mode='ptq'; "
+                    "for QAT drop max_metric_drop and choose the layers with exclude."
+                )
+        elif monitor is not None:
+            raise ValueError(
+                f"monitor={monitor!r} only applies to a metric budget; set max_metric_drop too, "
+                "or drop monitor."
+            )
         if mode == "qat" and not self.config.is_integer:
             raise ValueError(
                 f"mode='qat' needs integer bits (2 to 8), got bits={bits}; 16-bit float casts "
@@ -164,6 +189,9 @@ class QuantizeCallback(Callback):
         self.mode = mode
         self.calibration_batches = calibration_batches
         self.metrics = metrics
+        # float() drops jsonargparse's NonNegativeFloat, which weights-only loading rejects.
+        self.max_metric_drop = None if max_metric_drop is None else float(max_metric_drop)
+        self.monitor = monitor
         self.save_dir = save_dir
         self.save_model = save_model
         self.verbose = verbose
@@ -172,6 +200,7 @@ class QuantizeCallback(Callback):
         self.report: ComparisonReport | None = None
         self.fake_quant_report: ComparisonReport | None = None
         self.layer_report: QuantizationReport | None = None
+        self.budget_report: BudgetReport | None = None
         self.saved_path: Path | None = None
         self._fits_completed = 0
 
@@ -246,13 +275,45 @@ class QuantizeCallback(Callback):
                 "QuantizeCallback found no training dataloader to calibrate on; pass train data "
                 "to trainer.fit."
             )
-        quantized = quantize(
+        if self.max_metric_drop is not None:
+            quantized = self._quantize_within_budget(trainer, pl_module, calibration_loader)
+        else:
+            quantized = quantize(
+                pl_module,
+                self.config,
+                calibration_data=calibration_loader,
+                calibration_batches=self.calibration_batches,
+            )
+        self._compare_and_report(trainer, pl_module, quantized, f"float vs {self.config.label}")
+
+    def _quantize_within_budget(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, calibration_loader: Any
+    ) -> nn.Module:
+        assert self.max_metric_drop is not None
+        quantized, self.budget_report = quantize_with_budget(
             pl_module,
             self.config,
-            calibration_data=calibration_loader,
+            calibration_loader if self.config.needs_calibration else None,
+            self._eval_loader(trainer),
+            self.max_metric_drop,
+            metrics=self._fresh_metrics(),
+            monitor=self.monitor,
             calibration_batches=self.calibration_batches,
+            # Metrics are synced across processes, but the SQNR tie-break of the ranking is
+            # not, so every process follows rank zero's ranking to build the same models.
+            broadcast=trainer.strategy.broadcast,
         )
-        self._compare_and_report(trainer, pl_module, quantized, f"float vs {self.config.label}")
+        return quantized
+
+    def _eval_loader(self, trainer: pl.Trainer) -> Any:
+        eval_loader = _first_loader(trainer.val_dataloaders, "validation")
+        if eval_loader is None:
+            rank_zero_warn(
+                "No validation dataloader: mono_quant compares float and quantized models on "
+                "training batches instead."
+            )
+            eval_loader = _first_loader(trainer.train_dataloader, "training")
+        return eval_loader
 
     def _convert_qat_and_compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         quantized = convert_qat(pl_module)
@@ -278,13 +339,7 @@ class QuantizeCallback(Callback):
         self.quantized_model = quantized  # type: ignore[assignment]
         self.layer_report = quantization_report(quantized)
 
-        eval_loader = _first_loader(trainer.val_dataloaders, "validation")
-        if eval_loader is None:
-            rank_zero_warn(
-                "No validation dataloader: mono_quant compares float and quantized models on "
-                "training batches instead."
-            )
-            eval_loader = _first_loader(trainer.train_dataloader, "training")
+        eval_loader = self._eval_loader(trainer)
         self.report = compare(float_model, quantized, eval_loader, metrics=self._fresh_metrics())
         self.report.title = title
         if fake_quant_model is not None:
@@ -319,6 +374,20 @@ class QuantizeCallback(Callback):
             for key, value in self.fake_quant_report.summary().items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     numeric[f"{prefix}fake_quant/{key}"] = float(value)
+        if self.budget_report is not None:
+            budget = self.budget_report
+            numeric.update(
+                {
+                    f"{prefix}budget/met": float(budget.met),
+                    f"{prefix}budget/drop": budget.drop,
+                    f"{prefix}budget/max_metric_drop": budget.max_metric_drop,
+                    f"{prefix}budget/base_drop": budget.base_drop,
+                    f"{prefix}budget/metric": budget.metric,
+                    f"{prefix}budget/layers_widened": float(len(budget.moved)),
+                    f"{prefix}budget/size_ratio": budget.size_ratio,
+                    f"{prefix}budget/evaluations": float(budget.evaluations),
+                }
+            )
         for logger in trainer.loggers:
             logger.log_metrics(numeric, step=trainer.global_step)
             logger.save()
@@ -343,6 +412,8 @@ class QuantizeCallback(Callback):
         console.print(self.report.table())
         if self.fake_quant_report is not None:
             console.print(self.fake_quant_report.table())
+        if self.budget_report is not None:
+            console.print(self.budget_report.table())
         float_layers = self.layer_report.float_layers
         if float_layers:
             reasons = "; ".join(f"{row.name}: {row.reason}" for row in float_layers)
