@@ -152,6 +152,8 @@ QUANTIZE_OPTIONS = [
     "--calibration_batches",
     "--metrics",
     "--eval_batches",
+    "--max_metric_drop",
+    "--monitor",
     "--seed",
     "--output",
     "--export",
@@ -312,3 +314,62 @@ def test_presets_lists_every_preset(capsys) -> None:
     printed = capsys.readouterr().out
     for name in mq.PRESETS:
         assert name in printed, name
+
+
+def test_quantize_with_metric_budget(tmp_path, capsys) -> None:
+    _, state = write_state_dict(tmp_path / "tiny.pth")
+    output = tmp_path / "tiny.pt"
+
+    main(
+        [
+            "quantize",
+            "--model",
+            MODEL,
+            "--state_dict",
+            str(state),
+            "--data",
+            DATA,
+            "--bits",
+            "2",
+            "--granularity",
+            "per_tensor",
+            "--max_metric_drop",
+            "0",
+            "--monitor",
+            "acc",
+            "--output",
+            str(output),
+        ]
+    )
+
+    printed = capsys.readouterr().out
+    assert "metric budget met: accuracy drop" in printed
+    overrides = read_artifact(output)["config"]["overrides"]
+    loaded = mq.load(output, TinyNet())
+    rows = {row.name: row for row in mq.quantization_report(loaded).layers}
+    for name, changes in (overrides or {}).items():
+        assert rows[name].quantized == (changes is not None)
+
+
+def test_monitor_without_budget_is_an_error(tmp_path, capsys) -> None:
+    _, state = write_state_dict(tmp_path / "tiny.pth")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "quantize",
+                "--model",
+                MODEL,
+                "--state_dict",
+                str(state),
+                "--data",
+                DATA,
+                "--monitor",
+                "acc",
+                "--output",
+                str(tmp_path / "tiny.pt"),
+            ]
+        )
+
+    assert exit_info.value.code == 2
+    assert "--monitor acc only applies to a metric budget" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from mono_quant.cli.sources import (
     read_float_state_dict,
 )
 from mono_quant.config import PRESETS, QuantConfig
-from mono_quant.evaluate import compare
+from mono_quant.evaluate import compare, quantize_with_budget
 from mono_quant.evaluate.report import format_bytes
 from mono_quant.io import export, load, read_artifact, save
 from mono_quant.io.load import config_from_header, layer_reports_from_header
@@ -125,13 +125,36 @@ def run_quantize(
         calibration = track(
             train_loader, "calibrating", config.calibration_batches, context.progress
         )
-    quantized = quantize(model, quant_config, calibration_data=calibration)
+    budget = None
+    if config.max_metric_drop is not None:
+        # The search calibrates and evaluates many times, so it gets the loaders themselves;
+        # a progress bar would restart at every candidate.
+        quantized, budget = quantize_with_budget(
+            model,
+            quant_config,
+            train_loader if quant_config.calibrates_any_layer else None,
+            eval_loader,
+            float(config.max_metric_drop),
+            metrics=objects.metrics,
+            monitor=config.monitor,
+            max_batches=config.eval_batches,
+            calibration_batches=config.calibration_batches,
+        )
+    else:
+        if config.monitor is not None:
+            raise ValueError(
+                f"--monitor {config.monitor} only applies to a metric budget; add "
+                "--max_metric_drop, or drop --monitor."
+            )
+        quantized = quantize(model, quant_config, calibration_data=calibration)
 
     evaluation = track(eval_loader, "evaluating", config.eval_batches, context.progress)
     report = compare(model, quantized, evaluation, metrics=objects.metrics)
     report.title = f"float vs {quant_config.label}"
     context.out.print(report.table())
     context.out.print(quantization_report(quantized).table())
+    if budget is not None:
+        context.out.print(budget.table())
 
     metadata = {
         "model": _plain_model_record(config),

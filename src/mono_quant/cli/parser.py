@@ -6,7 +6,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 from jsonargparse import ActionConfigFile, ArgumentParser
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
@@ -176,6 +176,22 @@ def quantize_parser() -> ArgumentParser:
     _add_data(parser)
     _add_quantization_options(parser)
     _add_evaluation(parser)
+    budget = parser.add_argument_group("metric budget (same names as QuantizeCallback)")
+    budget.add_argument(
+        "--max_metric_drop",
+        type=NonNegativeFloat | None,
+        default=None,
+        help="Largest allowed drop of --monitor on the evaluation split, in the metric's units "
+        "(0.01 is one accuracy point). The most sensitive layers then move to wider formats "
+        "(int8, then float) until the drop fits.",
+    )
+    budget.add_argument(
+        "--monitor",
+        type=str | None,
+        default=None,
+        help="Metric the budget holds: a metric name or a unique prefix such as 'acc' "
+        "(default: the first metric).",
+    )
     parser.add_argument(
         "--seed",
         type=int | None,
