@@ -16,45 +16,40 @@ written: validation, test and predict leave every buffer bit-identical.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
 
-from mono_quant.core.layout import from_blocks, qparams_shape, to_blocks
+from mono_quant.core.layout import qparams_shape, to_blocks
 from mono_quant.core.observers import Observer
 from mono_quant.core.qparams import MIN_SCALE, choose_qparams, min_max
-from mono_quant.core.quantize import fake_quantize
+from mono_quant.core.quantize import fake_quantize, learned_scale_fake_quantize
 from mono_quant.core.spec import QuantSpec
 
 
-class _LearnedScaleFakeQuantize(torch.autograd.Function):
-    """Fake quantization whose gradient also reaches ``scale`` (the LSQ estimator)."""
+def _block_size(shape: torch.Size, spec: QuantSpec) -> int:
+    """Return the number of elements that share one scale, without building the blocks."""
+    if spec.granularity == "per_tensor":
+        return math.prod(shape)
+    if spec.granularity == "per_channel":
+        return math.prod(shape) // max(shape[spec.axis], 1)
+    if spec.granularity == "per_group":
+        return cast(int, spec.group_size)
+    return shape[-1] if len(shape) else 1
 
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, spec, grad_scale):  # type: ignore[override]
-        blocks = to_blocks(x, spec).float()
-        step = scale.unsqueeze(-1)
-        offset = zero_point.unsqueeze(-1)
-        ratio = blocks / step
-        grid = torch.round(ratio) + offset
-        below = grid < spec.quant_min
-        above = grid > spec.quant_max
-        grid = torch.clamp(grid, spec.quant_min, spec.quant_max)
-        values = (grid - offset) * step
 
-        # d(values)/d(scale): round(x/s) - x/s inside the range, the clamped level outside it.
-        scale_grad = torch.where(below | above, grid - offset, torch.round(ratio) - ratio)
-        inside = ~(below | above)
-        ctx.save_for_backward(from_blocks(inside, spec, x.shape), scale_grad)
-        ctx.spec, ctx.grad_scale, ctx.shape = spec, grad_scale, x.shape
-        return from_blocks(values, spec, x.shape).to(x.dtype)
+def _weight_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the min/max qparams of ``x``, the same as ``choose_qparams(*min_max(x, spec))``.
 
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        inside, scale_grad = ctx.saved_tensors
-        grad_blocks = to_blocks(grad_output, ctx.spec).float()
-        grad_scale = (grad_blocks * scale_grad).sum(dim=-1) * ctx.grad_scale
-        return grad_output * inside, grad_scale, None, None, None
+    ``torch.aminmax`` over the last dimension took about 2.5 times as long as ``amin`` plus
+    ``amax`` on a 4096x4096 float32 weight (torch 2.13, CPU), and QAT reads every weight's range
+    at every step.
+    """
+    blocks = to_blocks(x.detach(), spec).float()
+    if blocks.shape[-1] == 0:
+        return choose_qparams(*min_max(x.detach(), spec), spec)
+    return choose_qparams(blocks.amin(dim=-1), blocks.amax(dim=-1), spec)
 
 
 class FakeQuantize(nn.Module):
@@ -123,7 +118,7 @@ class FakeQuantize(nn.Module):
             # A learned symmetric weight scale needs nothing from the weight's range.
             return
         if self.is_weight:
-            qparams = choose_qparams(*min_max(x.detach(), self.spec), self.spec)
+            qparams = _weight_qparams(x, self.spec)
         else:
             assert self.observer is not None
             self.observer(x)
@@ -138,7 +133,7 @@ class FakeQuantize(nn.Module):
     def current_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the qparams this quantizer applies to ``x`` right now, without changing state."""
         if self.is_weight and not self.learnable_scale and bool(self.observer_enabled):
-            return choose_qparams(*min_max(x.detach(), self.spec), self.spec)
+            return _weight_qparams(x, self.spec)
         return self.current_scale().detach(), self.zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,10 +147,14 @@ class FakeQuantize(nn.Module):
             return x
 
         if self.learnable_scale:
-            scale = self.current_scale()
-            block = to_blocks(x, self.spec).shape[-1]
-            grad_scale = 1.0 / math.sqrt(max(block, 1) * max(self.spec.quant_max, 1))
-            return _LearnedScaleFakeQuantize.apply(x, scale, self.zero_point, self.spec, grad_scale)
+            block = _block_size(x.shape, self.spec)
+            grad_factor = 1.0 / math.sqrt(max(block, 1) * max(self.spec.quant_max, 1))
+            return learned_scale_fake_quantize(
+                x, self.current_scale(), self.zero_point, self.spec, grad_factor
+            )
+        if self.training and bool(self.observer_enabled):
+            # _refresh_qparams has just stored what current_qparams would compute again from x.
+            return fake_quantize(x, self.scale, self.zero_point, self.spec)
         scale, zero_point = self.current_qparams(x)
         return fake_quantize(x, scale, zero_point, self.spec)
 
