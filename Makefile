@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install bench
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,16 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples
 	$(VENV)/bin/ruff format --check src tests examples
+
+# The bench extra adds torchao (a peer in the tables) and matplotlib; its stamp keeps `make
+# install` itself unchanged.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# Writes docs/benchmarks.md; about 10 minutes on 2 cores. `$(PY) -m benchmarks.run --help`
+# lists --quick, --threads, --sections and --output.
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run
