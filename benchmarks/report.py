@@ -36,8 +36,8 @@ NOTABLE_CPU_FLAGS = (
 )
 LATENCY_COLUMNS = (
     "median ms",
-    "vs fp32 (x)",
-    "vs best peer (x)",
+    "speed-up vs fp32 (x)",
+    "speed-up vs best peer (x)",
     "runs",
     "weight MiB",
     "weight vs fp32",
@@ -110,8 +110,9 @@ def latency_rows(cell: Sequence[Measurement], leading: Sequence[str] = ()) -> li
     rows = []
     for measurement in cell:
         median = measurement.timing.median_s
-        vs_fp32 = median / fp32.timing.median_s if fp32 else None
-        vs_peer = median / best_peer if best_peer else None
+        # Speed-ups, so that "at least 2x faster than fp32" reads as a value of 2 or more.
+        vs_fp32 = fp32.timing.median_s / median if fp32 else None
+        vs_peer = best_peer / median if best_peer else None
         bytes_ratio = measurement.weight_bytes / fp32.weight_bytes if fp32 else None
         rows.append(
             [

@@ -255,9 +255,9 @@ def _document(
         "milliseconds. Taking turns spreads load from other processes over all variants "
         "alike. Models run in eval mode under `torch.no_grad`.",
         "- Threads are set with `torch.set_num_threads` as each table's heading says.",
-        "- *vs fp32*: median over the fp32 median of the same row group. *vs best peer*: "
-        "median over the fastest peer in the same row group (peers: `torch.ao` "
-        "`quantize_dynamic` int8 and torchao configs). Below 1 is faster.",
+        "- *speed-up vs fp32*: the fp32 median over this variant's median, in the same row "
+        "group. *speed-up vs best peer*: the fastest peer's median over this variant's "
+        "(peers: `torch.ao` `quantize_dynamic` int8 and torchao configs). Above 1 is faster.",
         "- *weight MiB*: bytes of `torch.save(model.state_dict())`, so every quantizer's "
         "packed storage counts the same way; this includes biases, float layers and a few kB "
         "of container overhead. *weight vs fp32*: that size over the fp32 model's.",

@@ -32,7 +32,7 @@ class Variant:
     Attributes:
         name: row label, unique within a run.
         group: ``"baseline"``, ``"mono-quant"`` or ``"peer"``; only peers count for the
-            "vs best peer" column.
+            "speed-up vs best peer" column.
         build: returns the model to time; it must not change the float model it is given.
         input_dtype: floating inputs are cast to this dtype before each call (``None`` keeps
             float32). Outputs are cast to float32 before they are compared.

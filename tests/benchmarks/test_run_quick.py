@@ -21,8 +21,8 @@ from benchmarks.variants import baseline_and_mono_quant_variants
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LATENCY_NUMERIC = (
     "median ms",
-    "vs fp32 (x)",
-    "vs best peer (x)",
+    "speed-up vs fp32 (x)",
+    "speed-up vs best peer (x)",
     "runs",
     "weight MiB",
     "weight vs fp32",
@@ -117,7 +117,7 @@ def test_linear_columns_numeric(tables: dict) -> None:
 def test_linear_fp32_row_is_reference(tables: dict) -> None:
     for row in linear_rows(tables):
         if row["variant"] == "fp32":
-            assert parse_number(row["vs fp32 (x)"]) == 1.0
+            assert parse_number(row["speed-up vs fp32 (x)"]) == 1.0
             assert parse_number(row["weight vs fp32"]) == 1.0
             assert parse_number(row["SQNR dB"]) == math.inf
 
