@@ -29,7 +29,6 @@ import torch.distributed as dist
 
 from mono_quant.core.layout import to_blocks
 from mono_quant.core.qparams import check_finite, choose_qparams, min_max
-from mono_quant.core.quantize import fake_quantize
 from mono_quant.core.spec import QuantSpec
 
 __all__ = [
@@ -547,18 +546,103 @@ class PercentileObserver(Observer):
         return f"{super().extra_repr()}, percentile={self.percentile}, bins={self.bins}"
 
 
+def _search_clipping_ratios(
+    blocks: torch.Tensor,
+    batch_min: torch.Tensor,
+    batch_max: torch.Tensor,
+    spec: QuantSpec,
+    ratios: list[float],
+    error_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """Return, per block, the ratio of ``ratios`` whose range ``ratio * [min, max]`` has the
+    smallest (weighted) sum of squared fake-quantization errors.
+
+    ``blocks`` is the float32 ``(*qparams_shape, block)`` view from ``to_blocks``, and
+    ``error_weights``, when given, has the same shape. Ratios are tried in order and a later one
+    must be strictly better to win, so the earlier ratio wins a tie.
+
+    The error is computed in units of the scale: with ``t = x / scale`` and
+    ``q = clamp(round(t) + zero_point, quant_min, quant_max) - zero_point``, the
+    fake-quantization error is ``(q - t) * scale``. The codes equal ``fake_quantize``'s, and
+    the error sums differ from it only by float32 rounding. Two scratch tensors are reused for
+    every candidate: with torch 2.13 on CPU, an out-of-place op on a fresh 590 k-element tensor
+    took about 20 times as long as the same op in place.
+    """
+    scaled = torch.empty_like(blocks)
+    error = torch.empty_like(blocks)
+    best_error = torch.full_like(batch_min, math.inf)
+    best_ratio = torch.ones_like(batch_min)
+    for ratio in ratios:
+        scale, zero_point = choose_qparams(ratio * batch_min, ratio * batch_max, spec)
+        torch.div(blocks, scale.unsqueeze(-1), out=scaled)
+        torch.round(scaled, out=error)
+        if spec.symmetric:
+            error.clamp_(spec.quant_min, spec.quant_max)
+        else:
+            shift = zero_point.unsqueeze(-1).float()
+            # Shifting to the grid and back is faster than clamping to per-block tensor bounds.
+            error.add_(shift).clamp_(spec.quant_min, spec.quant_max).sub_(shift)
+        error.sub_(scaled).square_()
+        if error_weights is not None:
+            error.mul_(error_weights)
+        block_error = error.sum(dim=-1).mul_(scale.square())
+
+        better = block_error < best_error
+        best_error = torch.where(better, block_error, best_error)
+        best_ratio = torch.where(better, ratio, best_ratio)
+    return best_ratio
+
+
+def _check_importance(importance: Any) -> torch.Tensor | None:
+    if importance is None:
+        return None
+    if not isinstance(importance, torch.Tensor) or not importance.is_floating_point():
+        raise TypeError(
+            "importance must be a floating-point tensor that broadcasts to the observed "
+            f"tensor, or None; got {type(importance).__name__}."
+        )
+    importance = importance.detach().float()
+    check_finite(importance, "importance")
+    if bool((importance < 0).any()):
+        raise ValueError(
+            f"importance contains negative values (minimum {float(importance.min()):.4g}); "
+            "it weights squared errors, so pass non-negative values such as the mean squared "
+            "input activation of each input feature."
+        )
+    return importance
+
+
 class MSEObserver(Observer):
     """Pick, per block, the clipping range that minimizes the fake-quantization MSE.
 
     For each observed tensor and each block with range ``[min, max]``, the candidates are
     ``ratio * [min, max]`` for ``ratio`` in ``linspace(min_ratio, 1, num_candidates)``. Each
-    candidate's qparams come from ``choose_qparams``, and the candidate with the lowest mean
-    squared error of ``fake_quantize`` over that block wins (the smallest ratio on ties). Across
-    several tensors the observer keeps the elementwise min/max of the chosen ranges.
+    candidate's qparams come from ``choose_qparams``, and the candidate with the lowest sum of
+    squared ``fake_quantize`` errors over that block wins. On ties the largest ratio wins, so a
+    block whose error clipping cannot lower keeps its min/max range. Across several tensors the
+    observer keeps the elementwise min/max of the chosen ranges.
+
+    Every block of a tensor is searched at once: per_tensor, per_channel and per_group specs,
+    symmetric or affine, cost ``num_candidates`` vectorized passes over the tensor. With the
+    defaults and int4 per_group (group_size 32 or 128), the 37 Linear weights of
+    all-MiniLM-L6-v2 (10.8 M values) took 0.7 to 1.1 s of CPU time on one thread (torch 2.13,
+    a shared 2-core x86 machine).
 
     Use it for weights at low bit widths (4 bits or fewer), where clipping the tails buys
-    resolution for the bulk of the values. For a tensor observed once, the result is the exact
-    MSE-optimal candidate, so its error is never above :class:`MinMaxObserver`'s (ratio 1).
+    resolution for the bulk of the values. For a tensor observed once and no ``importance``,
+    the result is the MSE-optimal candidate up to float32 rounding of the error sums. So its
+    error is never above :class:`MinMaxObserver`'s (ratio 1) by more than that rounding.
+
+    ``importance`` turns the weight error into an estimate of the output error. For a Linear
+    weight ``W`` of shape ``(out, in)`` and inputs ``x``, the output error of row ``i`` is
+    ``sum_j (W - W_hat)[i, j] * x[j]``. Dropping the cross terms between input features leaves
+    ``sum_j E[x_j ** 2] * (W - W_hat)[i, j] ** 2``. So passing the mean squared input activation
+    of each input feature, shape ``(in,)``, clips the weights of rarely active features harder
+    and keeps those of large features precise.
+
+    NOTE: ``importance`` comes from calibration data. A feature that was zero in every
+    calibration batch does not affect its block's range, so it may be clipped hard if it
+    is active later. Calibrate with representative inputs.
 
     Each observed tensor costs ``num_candidates`` fake-quantization passes over it, so this
     observer suits weights and a few calibration batches, not long activation streams.
@@ -567,9 +651,18 @@ class MSEObserver(Observer):
         spec: quantization spec.
         num_candidates: clipping ratios searched, at least 2 (the grid includes both ends).
         min_ratio: smallest ratio searched, in ``(0, 1]``.
+        importance: non-negative weights of each element's squared error, broadcastable to the
+            observed tensors' shape (for example ``(in_features,)`` for a Linear weight), or
+            ``None`` to weight every element equally.
     """
 
-    def __init__(self, spec: QuantSpec, num_candidates: int = 64, min_ratio: float = 0.3) -> None:
+    def __init__(
+        self,
+        spec: QuantSpec,
+        num_candidates: int = 64,
+        min_ratio: float = 0.3,
+        importance: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(spec)
         self.num_candidates = _check_int(
             num_candidates, "num_candidates", 2, "the search grid needs both min_ratio and 1."
@@ -581,19 +674,16 @@ class MSEObserver(Observer):
                 f"min_ratio={min_ratio} is outside (0, 1]; typical values are 0.2 to 0.5."
             )
         self.min_ratio = float(min_ratio)
+        self.importance = _check_importance(importance)
 
     def _update(self, x: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
-        best_error = torch.full_like(batch_min, math.inf)
-        best_ratio = torch.ones_like(batch_min)
-        # linspace returns exactly 1.0 as its last value, so ratio 1 is the plain min/max range.
-        for ratio in torch.linspace(self.min_ratio, 1.0, self.num_candidates).tolist():
-            scale, zero_point = choose_qparams(ratio * batch_min, ratio * batch_max, self.spec)
-            error = fake_quantize(x, scale, zero_point, self.spec).sub_(x).square_()
-            # Sum, not mean, over each block: the block size is the same for every candidate.
-            error = to_blocks(error, self.spec).sum(dim=-1)
-            better = error < best_error
-            best_error = torch.where(better, error, best_error)
-            best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+        blocks = to_blocks(x, self.spec)
+        # Largest ratio first, so a tie keeps the wider range. linspace ends exactly at 1.0,
+        # so the first candidate is the plain min/max range.
+        ratios = torch.linspace(self.min_ratio, 1.0, self.num_candidates).flip(0).tolist()
+        best_ratio = _search_clipping_ratios(
+            blocks, batch_min, batch_max, self.spec, ratios, self._error_weights(x)
+        )
 
         chosen_min, chosen_max = best_ratio * batch_min, best_ratio * batch_max
         if self.observed:
@@ -601,10 +691,27 @@ class MSEObserver(Observer):
             chosen_max = torch.maximum(chosen_max, self.max_val.to(x.device))
         self._store_range(chosen_min, chosen_max)
 
+    def _error_weights(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Return ``importance`` broadcast to ``x`` in blocked form, or None without one."""
+        if self.importance is None:
+            return None
+        try:
+            weights = torch.broadcast_to(self.importance.to(x.device), x.shape)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{self._label()} has importance of shape {tuple(self.importance.shape)}, which "
+                f"does not broadcast to the observed tensor of shape {tuple(x.shape)}; pass one "
+                "value per element, or a shape that broadcasts such as (in_features,) for a "
+                "Linear weight."
+            ) from error
+        # per_group pads the last group of each row with zeros, whose weight is then 0 as well.
+        return to_blocks(weights.contiguous(), self.spec)
+
     def extra_repr(self) -> str:
+        importance = None if self.importance is None else tuple(self.importance.shape)
         return (
             f"{super().extra_repr()}, num_candidates={self.num_candidates}, "
-            f"min_ratio={self.min_ratio}"
+            f"min_ratio={self.min_ratio}, importance_shape={importance}"
         )
 
 

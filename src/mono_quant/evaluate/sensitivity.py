@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from torchmetrics import Metric, MetricCollection
 from mono_quant.config import QuantConfig, resolve_config
 from mono_quant.evaluate.compare import compare
 from mono_quant.evaluate.errors import sqnr_db_from_power
+from mono_quant.evaluate.plot import plot_sensitivity
 from mono_quant.transform import quantization_report, quantize
 from mono_quant.transform.select import select_layers
 
@@ -68,6 +71,16 @@ class SensitivityReport:
                 f"{layer.output_sqnr_db:.2f}",
             )
         return table
+
+    def plot(self, path: str | os.PathLike[str], metric: str | None = None) -> Path:
+        """Write a PNG bar chart with one bar per layer, in this ranking, and return its path.
+
+        ``metric`` is the metric whose change each bar shows, or ``"output_sqnr_db"`` for the
+        layers' output SQNR. The default is :attr:`monitor`, or the SQNR when there is none.
+        Needs matplotlib (``pip install 'mono-quant[plot]'``), and raises ``ImportError``
+        without it. See :func:`mono_quant.evaluate.plot.plot_sensitivity`.
+        """
+        return plot_sensitivity(self, path, metric)
 
     def __str__(self) -> str:
         buffer = io.StringIO()
