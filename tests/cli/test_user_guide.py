@@ -55,6 +55,12 @@ def test_quantize_prints_comparison(guide_run: GuideRun) -> None:
     assert "wrote the torch.export program" in printed
 
 
+def test_budget_quantize_prints_its_table(guide_run: GuideRun) -> None:
+    printed = guide_run.outputs["quantize --max_metric_drop"]
+    assert "metric budget" in printed
+    assert "wrote the mono-quant file runs/digits-w8a8/digits-budget.pt" in printed
+
+
 def test_inspect_lists_every_layer(guide_run: GuideRun) -> None:
     printed = guide_run.outputs["inspect"]
     artifact = mq.io.read_artifact(guide_run.root / "runs/digits-w8a8/digits-int4.pt")

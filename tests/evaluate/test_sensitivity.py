@@ -81,7 +81,7 @@ def test_lower_is_better_metric_ranks_by_increase(digits_mlp) -> None:
 def test_unknown_monitor_raises(digits_mlp) -> None:
     model, batches = digits_mlp
 
-    with pytest.raises(ValueError, match="monitor='f1' is not a computed metric"):
+    with pytest.raises(ValueError, match="monitor='f1' is not one of the computed metrics"):
         mq.sensitivity(model, "w8", None, batches, monitor="f1")
 
 
@@ -90,3 +90,11 @@ def test_no_selected_layer_raises(digits_mlp) -> None:
 
     with pytest.raises(ValueError, match="selects no layer"):
         mq.sensitivity(model, mq.QuantConfig(bits=8, exclude=["Linear"]), None, batches)
+
+
+def test_monitor_prefix_accepted(digits_mlp) -> None:
+    model, batches = digits_mlp
+
+    report = mq.sensitivity(model, "w8", None, batches, monitor="acc")
+
+    assert report.monitor == "accuracy"

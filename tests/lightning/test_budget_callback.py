@@ -91,3 +91,18 @@ def test_budget_holds_at_fit_end(tmp_path: Path, capsys) -> None:
 def test_bad_budget_options(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         QuantizeCallback(bits=4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_metric_drop": 0.01, "monitor": "f1"}, "not one of the computed metrics"),
+        ({"max_metric_drop": float("nan")}, "finite number"),
+        ({"max_metric_drop": float("inf")}, "finite number"),
+        ({"max_metric_drop": 0.01, "monitor": ""}, "non-empty metric name"),
+    ],
+    ids=["unknown-monitor", "nan", "inf", "empty-monitor"],
+)
+def test_budget_options_fail_before_training(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        QuantizeCallback(bits=4, **kwargs)

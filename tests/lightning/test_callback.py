@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from examples.digits.data import DigitsDataModule
+from examples.digits.model import DigitsCNN
 from mono_quant.lightning import QuantizeCallback
 from mono_quant.nn import QuantizedLayer
 
@@ -228,3 +229,15 @@ def test_verbose_callback_prints_table(tmp_path: Path, capsys) -> None:
 def test_invalid_arguments_raise(kwargs: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         QuantizeCallback(**kwargs)
+
+
+def test_quantized_model_runs_trainer_test(tmp_path: Path) -> None:
+    # DigitsCNN logs torchmetrics objects, which Lightning looks up by attribute on the module.
+    callback = QuantizeCallback(bits=8, verbose=False, save_model=False)
+    L.seed_everything(0, verbose=False)
+    trainer = _trainer(tmp_path, [callback], limit_train_batches=4, limit_val_batches=2)
+    trainer.fit(DigitsCNN(), datamodule=DigitsDataModule())
+
+    results = trainer.test(callback.quantized_model, datamodule=DigitsDataModule(), verbose=False)
+
+    assert 0.0 <= results[0]["test_acc"] <= 1.0

@@ -69,7 +69,7 @@ def test_class_name_pattern_and_first_match_wins() -> None:
 
 def test_unused_pattern_rejected() -> None:
     config = mq.QuantConfig(bits=4, overrides={"classifier": None})
-    with pytest.raises(ValueError, match=r"\['classifier'\] match no layer"):
+    with pytest.raises(ValueError, match=r"\['classifier'\] take effect on no layer"):
         mq.quantize(_model(), config)
 
 

@@ -25,6 +25,7 @@ from torchmetrics import Metric, MetricCollection
 
 from mono_quant.config import QuantConfig, resolve_config
 from mono_quant.evaluate.compare import compare
+from mono_quant.evaluate.monitor import check_max_metric_drop, resolve_monitor
 from mono_quant.evaluate.report import ComparisonReport
 from mono_quant.evaluate.sensitivity import SensitivityReport, sensitivity
 from mono_quant.transform import quantize
@@ -131,32 +132,6 @@ class BudgetReport:
 
 def _drop(float_metric: float, metric: float, higher_is_better: bool) -> float:
     return float_metric - metric if higher_is_better else metric - float_metric
-
-
-def resolve_monitor(monitor: str | None, names: Iterable[str]) -> str:
-    """Return the computed metric name that ``monitor`` means.
-
-    An exact name wins; otherwise ``monitor`` may be a unique prefix (``"acc"`` for
-    ``"accuracy"``). ``None`` picks the first metric.
-
-    Raises:
-        ValueError: when no metric was computed or ``monitor`` matches none or several names.
-    """
-    names = list(names)
-    if not names:
-        raise ValueError(
-            "the metric budget needs a task metric, but none was computed: pass metrics=... (a "
-            "torchmetrics Metric or MetricCollection) and evaluation batches with targets."
-        )
-    if monitor is None or monitor in names:
-        return monitor or names[0]
-    candidates = [name for name in names if name.startswith(monitor)]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise ValueError(
-        f"monitor={monitor!r} is not one of the computed metrics {names}; pass one of those "
-        "names (a unique prefix such as 'acc' for 'accuracy' also works)."
-    )
 
 
 def _higher_is_better(
@@ -276,13 +251,7 @@ def quantize_with_budget(
             a config that selects no layer.
     """
     config = resolve_config(config)
-    if isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)):
-        raise TypeError(f"max_metric_drop must be a number, got {max_metric_drop!r}.")
-    if not max_metric_drop >= 0:
-        raise ValueError(
-            f"max_metric_drop={max_metric_drop} must be at least 0 (in the metric's units, "
-            "e.g. 0.01 for one accuracy point)."
-        )
+    check_max_metric_drop(max_metric_drop)
     if config.overrides:
         raise ValueError(
             "the metric budget chooses per-layer formats itself, so config.overrides must be "

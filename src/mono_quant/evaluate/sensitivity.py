@@ -19,6 +19,7 @@ from torchmetrics import Metric, MetricCollection
 from mono_quant.config import QuantConfig, resolve_config
 from mono_quant.evaluate.compare import compare
 from mono_quant.evaluate.errors import sqnr_db_from_power
+from mono_quant.evaluate.monitor import resolve_monitor
 from mono_quant.evaluate.plot import plot_sensitivity
 from mono_quant.transform import quantization_report, quantize
 from mono_quant.transform.select import select_layers
@@ -150,7 +151,8 @@ def sensitivity(
         calibration_data: batches for static activation ranges (``None`` for other configs).
         dataloader: evaluation batches, ``(input, target)`` pairs when metrics need targets.
         metrics: torchmetrics metric or collection; default as in :func:`mono_quant.compare`.
-        monitor: the metric name to rank by; default the first metric.
+        monitor: the metric name to rank by (a unique prefix such as ``"acc"`` works); default
+            the first metric.
         max_batches: evaluate on at most this many batches.
 
     Raises:
@@ -176,11 +178,12 @@ def sensitivity(
         output_sqnr = probe.sqnr_db()
 
         float_metrics = report.float_metrics
-        monitor = monitor or next(iter(report.float_metrics), None)
-        if monitor is not None and monitor not in report.float_metrics:
+        if report.float_metrics:
+            monitor = resolve_monitor(monitor, report.float_metrics)
+        elif monitor is not None:
             raise ValueError(
-                f"monitor={monitor!r} is not a computed metric; use one of "
-                f"{sorted(report.float_metrics)}."
+                f"monitor={monitor!r} was given, but no task metric was computed; pass "
+                "metrics=... and evaluation batches with targets, or drop monitor."
             )
         if isinstance(metrics, Metric) and metrics.higher_is_better is False:
             higher_is_better = False

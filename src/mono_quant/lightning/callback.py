@@ -18,6 +18,11 @@ from typing_extensions import override
 
 from mono_quant.config import QuantConfig
 from mono_quant.evaluate import BudgetReport, ComparisonReport, compare, quantize_with_budget
+from mono_quant.evaluate.monitor import (
+    check_max_metric_drop,
+    expected_metric_names,
+    resolve_monitor,
+)
 from mono_quant.io import save
 from mono_quant.lightning.qat import CHECKPOINT_KEY, QATOptions
 from mono_quant.transform import QuantizationReport, quantization_report, quantize
@@ -164,13 +169,9 @@ class QuantizeCallback(Callback):
             freeze_bn_epoch=freeze_bn_epoch,
         )
         if max_metric_drop is not None:
-            if isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)):
-                raise TypeError(f"max_metric_drop must be a number, got {max_metric_drop!r}.")
-            if not max_metric_drop >= 0:
-                raise ValueError(
-                    f"max_metric_drop={max_metric_drop} must be at least 0, in the metric's "
-                    "units (0.01 is one accuracy point)."
-                )
+            check_max_metric_drop(max_metric_drop)
+            # Checked now, so a typo fails before training rather than at fit end.
+            resolve_monitor(monitor, expected_metric_names(metrics))
             if mode == "qat":
                 raise ValueError(
                     "max_metric_drop searches post-training formats, so it needs mode='ptq'; "
@@ -336,6 +337,10 @@ class QuantizeCallback(Callback):
         title: str,
         fake_quant_model: pl.LightningModule | None = None,
     ) -> None:
+        # The deep copy keeps Lightning's cache of metric attributes, which points at the float
+        # model's metric objects, so trainer.test(quantized_model) could not log them.
+        if hasattr(quantized, "_metric_attributes"):
+            quantized._metric_attributes = None
         self.quantized_model = quantized  # type: ignore[assignment]
         self.layer_report = quantization_report(quantized)
 

@@ -50,7 +50,9 @@ def apply_overrides(
     if unused:
         selected = [d.name for d in decisions if d.quantize]
         raise ValueError(
-            f"overrides patterns {unused} match no layer selected for quantization in "
-            f"{type(model).__name__} (selected: {selected}); fix the pattern or drop it."
+            f"overrides patterns {unused} take effect on no layer of {type(model).__name__}: "
+            "they match no layer selected for quantization, or only layers that an earlier "
+            f"pattern already matched (the first match wins; selected: {selected}). Fix or "
+            "reorder the patterns, or drop them."
         )
     return updated, layer_configs
