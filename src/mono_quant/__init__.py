@@ -6,11 +6,13 @@ budget that keeps the most sensitive layers wider; :func:`prepare`,
 comparison of the float and the quantized model, and :func:`sensitivity` ranks layers by what
 quantizing each one costs. :func:`save` and :func:`load` write and read files without running
 pickled code, and :func:`export` writes a ``torch.export`` program that runs without mono_quant.
-The Lightning callback is in :mod:`mono_quant.lightning`.
+The Lightning callback is in :mod:`mono_quant.lightning`. Inside :func:`reference_kernels`,
+quantized layers skip their fast kernels and compute the reference output bit for bit.
 """
 
 from mono_quant.api import quantize
 from mono_quant.config import PRESETS, QuantConfig
+from mono_quant.core.kernels import reference_kernels
 from mono_quant.evaluate import (
     BudgetReport,
     ComparisonReport,
@@ -54,6 +56,7 @@ __all__ = [
     "quantization_report",
     "quantize",
     "quantize_with_budget",
+    "reference_kernels",
     "save",
     "sensitivity",
     "sqnr_db",

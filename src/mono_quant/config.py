@@ -14,6 +14,7 @@ DEFAULT_GROUP_SIZE = 32
 FLOAT_DTYPES = ("float16", "bfloat16")
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ACTIVATIONS = ("static", "dynamic")
+ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": {"bits": 8, "activations": "static", "granularity": "per_channel"},
@@ -105,8 +106,16 @@ class QuantConfig:
 
     Args:
         bits: weight width: 2 to 8 for integers, 16 for a float16/bfloat16 cast.
-        activations: ``"static"`` (calibrated int8), ``"dynamic"`` (int8 computed per token at
-            run time), ``None`` (weight-only) or ``"auto"``.
+        activations: ``"static"`` (calibrated int8), ``"dynamic"`` (int8 computed at run
+            time, see ``activation_granularity``), ``None`` (weight-only) or ``"auto"``.
+        activation_granularity: qparams of dynamic activations of Linear layers:
+            ``"per_token"`` (one pair per row on the 8-bit grid, accurate on transformers
+            whose outlier tokens would stretch a shared range; the fbgemm int8 kernel serves
+            it on CPUs with VNNI), ``"per_tensor"`` (one pair per call on the 7-bit grid
+            [0, 127], where the fbgemm kernel cannot saturate on any x86 CPU, so it is fast on
+            AVX2 CPUs without VNNI too) or ``"auto"`` (``"per_token"``). Convolutions always use
+            one 8-bit pair per tensor, and LSTM/GRU and attention layers one per token. Other
+            activation modes ignore it.
         granularity: weight granularity: ``"per_tensor"``, ``"per_channel"`` (output channels),
             ``"per_group"`` or ``"auto"``.
         group_size: weights per group for ``"per_group"``. A row whose length is not a multiple
@@ -114,7 +123,10 @@ class QuantConfig:
         symmetric: symmetric weights (zero_point 0) or affine. Activations are always affine.
         observer: how static activation ranges are recorded during calibration: ``"minmax"``,
             ``"moving_average"``, ``"percentile"`` or ``"mse"``.
-        weight_observer: how weight ranges are chosen, from the same names.
+        weight_observer: how weight ranges are chosen, from the same names. ``"mse"`` searches
+            each block's clipping range for the lowest weight MSE, which helps most at 4 bits
+            or fewer. NOTE: ``MSEObserver(importance=...)``, which weights the error by input
+            activations, is not reachable from the config.
         dtype: ``"int"``, ``"float16"``, ``"bfloat16"`` or ``"auto"`` (``int`` unless bits is 16).
         include: quantize only layers whose qualified name matches one of these globs or whose
             class name equals one of them; ``None`` selects every supported layer.
@@ -134,6 +146,7 @@ class QuantConfig:
 
     bits: int = 8
     activations: Literal["auto", "static", "dynamic"] | None = "auto"
+    activation_granularity: Literal["auto", "per_tensor", "per_token"] = "auto"
     granularity: Literal["auto", "per_tensor", "per_channel", "per_group"] = "auto"
     group_size: int | None = None
     symmetric: bool = True
@@ -152,6 +165,7 @@ class QuantConfig:
         self._set("parameters", parameters)
         self._resolve_dtype()
         self._resolve_activations()
+        self._resolve_activation_granularity()
         self._resolve_granularity()
         for field in ("observer", "weight_observer"):
             if getattr(self, field) not in OBSERVERS:
@@ -201,13 +215,24 @@ class QuantConfig:
                 f"{self.dtype!r}; use activations=None with a float cast."
             )
 
+    def _resolve_activation_granularity(self) -> None:
+        if self.activation_granularity == "auto":
+            self._set("activation_granularity", "per_token")
+        if self.activation_granularity not in ACTIVATION_GRANULARITIES:
+            raise ValueError(
+                f"activation_granularity={self.activation_granularity!r} is not one of "
+                f"{ACTIVATION_GRANULARITIES} or 'auto'; it sets the qparams of dynamic "
+                "activations."
+            )
+
     def _resolve_granularity(self) -> None:
         if self.granularity == "auto":
             per_group = self.is_integer and self.bits < 8
             self._set("granularity", "per_group" if per_group else "per_channel")
         if self.granularity not in WEIGHT_GRANULARITIES:
             hint = (
-                " (per_token applies to dynamic activations only)"
+                " (per_token applies to dynamic activations only: set "
+                "activation_granularity='per_token')"
                 if self.granularity == "per_token"
                 else ""
             )

@@ -113,9 +113,12 @@ def test_export_runs_without_mono_quant(guide_run: GuideRun, run_without_mono_qu
 
     outputs = run_without_mono_quant([run_dir / name for name in programs], (images,))
 
-    assert torch.equal(outputs[0], int4(images))
-    assert torch.equal(outputs[1], int4(images))
-    assert torch.equal(outputs[2], w8a8(images))
+    # Exported programs hold the reference path, which eager layers reproduce inside
+    # reference_kernels(); their fast kernels round differently.
+    with mq.reference_kernels():
+        assert torch.equal(outputs[0], int4(images))
+        assert torch.equal(outputs[1], int4(images))
+        assert torch.equal(outputs[2], w8a8(images))
 
 
 def test_export_accepts_other_batch_size(guide_run: GuideRun) -> None:
@@ -125,4 +128,5 @@ def test_export_accepts_other_batch_size(guide_run: GuideRun) -> None:
 
     program = torch.export.load(run_dir / "digits-int4.pt2").module()
 
-    assert torch.equal(program(images), quantized(images))
+    with mq.reference_kernels():
+        assert torch.equal(program(images), quantized(images))

@@ -197,7 +197,7 @@ def test_dispatch_accepts(shape: tuple[int, ...], dtype: torch.dtype) -> None:
 
 
 def test_dispatch_without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mono_quant.core.kernels as kernels
+    import mono_quant.core.kernels.int8pack as kernels
 
     monkeypatch.setattr(kernels, "has_int8pack_mm", lambda: False)
     x = torch.zeros(1, IN_FEATURES, dtype=torch.bfloat16)

@@ -1,19 +1,98 @@
-"""Quantized ``nn.Linear``."""
+"""Quantized ``nn.Linear`` that picks the fastest correct kernel on every call.
+
+Paths, named by :meth:`QuantLinear.kernel_for`:
+
+* ``"fbgemm"``: int8 x int8 on x86 CPUs, weights per_tensor or per_channel. It serves dynamic
+  per_tensor inputs on every such CPU, and static and dynamic per_token inputs where the CPU
+  has VNNI.
+* ``"int8pack"``: weight-only int8, symmetric per_tensor/per_channel, up to
+  :data:`~mono_quant.core.kernels.int8pack.INT8PACK_MAX_ROWS_FLOAT32` rows of float32 input
+  (``INT8PACK_MAX_ROWS`` of bfloat16/float16), run in bfloat16.
+* ``"int4pack"``: weights of 4 bits or fewer, up to
+  :data:`~mono_quant.core.kernels.int4pack.INT4PACK_MAX_ROWS` rows, run in bfloat16.
+* ``"workspace"``: any CPU layout, dequantized into a reused buffer. It matches the reference
+  up to float32 rounding, because symmetric per_tensor/per_channel scales are applied to the
+  output, and bit for bit for bfloat16/float16 inputs.
+* ``"reference"``: :meth:`QuantLinear.forward_reference`, the definition of the output.
+
+NOTE: the bfloat16 paths round float32 inputs, and the weight scales, to bfloat16 (8
+significant bits), so their outputs differ from the reference by a few bfloat16 epsilons of the
+output scale. :func:`mono_quant.reference_kernels` or ``MONO_QUANT_KERNELS=reference`` force the
+reference path.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mono_quant.core.kernels import int8_weight_linear
+from mono_quant.core.kernels.cache import KernelCache
+from mono_quant.core.kernels.fbgemm import (
+    fbgemm_engine,
+    fbgemm_exact,
+    fbgemm_linear,
+    pack_int8_weight,
+)
+from mono_quant.core.kernels.int4pack import (
+    INT4PACK_MAX_ROWS,
+    Int4PackedWeight,
+    int4pack_group_size,
+    int4pack_linear,
+    pack_int4_weight,
+)
+from mono_quant.core.kernels.int8pack import (
+    INT8PACK_MAX_ROWS,
+    INT8PACK_MAX_ROWS_FLOAT32,
+    has_int8pack_mm,
+    int8pack_mm,
+)
+from mono_quant.core.kernels.mode import fast_kernels_enabled
+from mono_quant.core.kernels.workspace import (
+    scale_rows_into,
+    tile_rows,
+    unpack_codes_into,
+    workspace,
+)
+from mono_quant.core.qparams import choose_qparams, min_max
+from mono_quant.core.quantize import quantize
 from mono_quant.core.spec import QuantSpec
-from mono_quant.nn.activation import ActivationMode
+from mono_quant.nn.activation import (
+    DYNAMIC_PER_TENSOR_SPEC,
+    DYNAMIC_SPEC,
+    ActivationGranularity,
+    ActivationMode,
+    per_tensor_qparams,
+)
 from mono_quant.nn.quantized import QuantizedLayer, container_bits
+
+REFERENCE = "reference"
+FBGEMM = "fbgemm"
+INT8PACK = "int8pack"
+INT4PACK = "int4pack"
+WORKSPACE = "workspace"
+KERNELS = (REFERENCE, FBGEMM, INT8PACK, INT4PACK, WORKSPACE)
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Largest input code of each activation mode on the fbgemm path (see nn.activation).
+_STATIC_QUANT_MAX = 255
+_DYNAMIC_QUANT_MAX = DYNAMIC_PER_TENSOR_SPEC.quant_max
+_PER_TOKEN_QUANT_MAX = DYNAMIC_SPEC.quant_max
+# Per-token codes go to fbgemm as the exact floats ``code - 128`` with scale 1 and zero_point
+# 128, so the kernel sees each token's own codes; the per-token scale and zero_point are
+# applied to its output (see ``_forward_per_token``).
+_CENTER = 128
 
 
 class QuantLinear(QuantizedLayer):
-    """``nn.Linear`` with an integer weight; floats in, floats out."""
+    """``nn.Linear`` with an integer weight; floats in, floats out.
+
+    ``forward`` runs the path :meth:`kernel_for` names; :meth:`forward_reference` dequantizes
+    the whole weight and defines the expected output. Prepacked kernel weights are built on
+    first use and kept in a plain attribute (not in ``state_dict``).
+    """
 
     def __init__(
         self,
@@ -23,10 +102,20 @@ class QuantLinear(QuantizedLayer):
         activations: ActivationMode | None = None,
         input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
         weight_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+        activation_granularity: ActivationGranularity = "per_token",
     ) -> None:
-        super().__init__(weight, weight_spec, bias, activations, input_qparams, weight_qparams)
+        super().__init__(
+            weight,
+            weight_spec,
+            bias,
+            activations,
+            input_qparams,
+            weight_qparams,
+            activation_granularity=activation_granularity,
+        )
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
+        self._kernels = KernelCache()
 
     @classmethod
     def from_float(
@@ -36,29 +125,193 @@ class QuantLinear(QuantizedLayer):
         activations: ActivationMode | None = None,
         input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
         weight_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+        activation_granularity: ActivationGranularity = "per_token",
     ) -> QuantLinear:
-        """Build a quantized copy of ``module``; the float module is left unchanged."""
+        """Build a quantized copy of ``module``; the float module is left unchanged.
+
+        ``activation_granularity`` applies to dynamic activations (see ``QuantizedLayer``).
+        """
         return cls(
-            module.weight, module.bias, weight_spec, activations, input_qparams, weight_qparams
+            module.weight,
+            module.bias,
+            weight_spec,
+            activations,
+            input_qparams,
+            weight_qparams,
+            activation_granularity=activation_granularity,
         )
 
-    def _uses_int8_kernel_layout(self) -> bool:
+    # -----------------------------------------------------------------------------------------
+    # Cache of prepacked weights
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        # .to(), .cuda() and friends replace the buffers, so packed weights built from the old
+        # ones are dropped at once instead of on the next call.
+        self._kernels.clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        self._kernels.clear()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _weight_sources(self) -> tuple[torch.Tensor | None, ...]:
+        # Read from _buffers directly: Module.__getattr__ costs about a microsecond per call.
+        buffers = self._buffers
+        return (buffers["weight_codes"], buffers["weight_scale"], buffers["weight_zero_point"])
+
+    def _fbgemm_weight(self, engine: str) -> Any | None:
+        sources = (*self._weight_sources(), self._buffers["bias"])
+        return self._kernels.get(f"fbgemm:{engine}", sources, self._pack_fbgemm)
+
+    def _pack_fbgemm(self) -> Any | None:
         spec = self.weight_spec
+        per_channel_rows = spec.granularity == "per_channel" and spec.axis in (0, -2)
+        if spec.granularity != "per_tensor" and not per_channel_rows:
+            return None
+        codes = self.weight_int()
+        # The per-token path scales the kernel's output per token, so the bias is added after.
+        bias = None if self._per_token() else self.bias
+        return pack_int8_weight(codes, self.weight_scale, self.weight_zero_point, bias)
+
+    def _per_token(self) -> bool:
+        return self.activations == "dynamic" and self.activation_granularity == "per_token"
+
+    def _weight_row_sums(self) -> torch.Tensor:
+        """Return the sum of each dequantized weight row, which the per-token path needs."""
+
+        def build() -> torch.Tensor:
+            return self.dequantized_weight(torch.float32).sum(dim=1)
+
+        return self._kernels.get("row_sums", self._weight_sources(), build)
+
+    def _int8pack_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        def build() -> torch.Tensor:
+            return self.weight_scale.expand(self.out_features).to(dtype).contiguous()
+
+        return self._kernels.get(f"int8pack_scale:{dtype}", (self.weight_scale,), build)
+
+    def _int4pack_weight(self) -> Int4PackedWeight | None:
+        return self._kernels.get("int4pack", self._weight_sources(), self._pack_int4)
+
+    def _pack_int4(self) -> Int4PackedWeight | None:
+        spec = self.weight_spec
+        if container_bits(spec.bits) > 4 or len(self.weight_shape) != 2:
+            return None
+        if spec.granularity == "per_group":
+            block = spec.group_size
+        elif spec.granularity == "per_tensor" or spec.axis in (0, -2):
+            block = self.in_features
+        else:
+            return None
+        group_size = int4pack_group_size(self.out_features, self.in_features, block)
+        if group_size is None:
+            return None
+        groups = self.in_features // group_size
+
+        def per_group(values: torch.Tensor) -> torch.Tensor:
+            if spec.granularity == "per_group":
+                return values.repeat_interleave(block // group_size, dim=1)
+            return values.reshape(-1, 1).expand(self.out_features, groups)
+
+        scale = per_group(self.weight_scale)
+        zero_point = None if spec.symmetric else per_group(self._zero_point())
+        return pack_int4_weight(self.weight_int(), scale, zero_point, group_size)
+
+    # -----------------------------------------------------------------------------------------
+    # Dispatch
+
+    def _fast_path_allowed(self, x: torch.Tensor) -> bool:
         return (
-            spec.symmetric
-            and container_bits(spec.bits) == 8
-            and (
-                spec.granularity == "per_tensor"
-                or (spec.granularity == "per_channel" and spec.axis in (0, -2))
-            )
+            fast_kernels_enabled()
+            and x.dtype in _FAST_DTYPES
+            and x.is_cpu
+            and self._buffers["weight_codes"].is_cpu
+            and x.dim() >= 1
+            and x.shape[-1] == self.in_features > 0
+            and x.numel() > 0
+            # The kernels have no backward, and the workspace is overwritten by the next layer.
+            # Quantized inputs carry no gradient on the reference path either (rounding to
+            # integer codes cuts the graph), so only weight-only layers need the reference.
+            and not (self.activations is None and x.requires_grad and torch.is_grad_enabled())
         )
+
+    def _scales_by_row(self) -> bool:
+        """Return True when each scale covers (part of) one output row, as the kernels expect."""
+        spec = self.weight_spec
+        return spec.granularity != "per_channel" or spec.axis in (0, -2)
+
+    def _fbgemm_plan(self) -> Any | None:
+        """Return the packed fbgemm weight when this layer's inputs go through fbgemm."""
+        if self.activations == "static":
+            quant_max = _STATIC_QUANT_MAX
+        elif self.activations == "dynamic" and self.activation_granularity == "per_tensor":
+            quant_max = _DYNAMIC_QUANT_MAX
+        elif self._per_token():
+            quant_max = _PER_TOKEN_QUANT_MAX
+        else:
+            return None
+        engine = fbgemm_engine()
+        if engine is None or not fbgemm_exact(quant_max, engine):
+            return None
+        return self._fbgemm_weight(engine)
+
+    def _uses_int8pack(self, rows: int, dtype: torch.dtype) -> bool:
+        spec = self.weight_spec
+        max_rows = INT8PACK_MAX_ROWS_FLOAT32 if dtype == torch.float32 else INT8PACK_MAX_ROWS
+        return (
+            rows <= max_rows
+            and container_bits(spec.bits) == 8
+            and spec.symmetric
+            and spec.granularity in ("per_tensor", "per_channel")
+            # The AVX-512 kernel reads 16 features per step with no tail loop.
+            and self.in_features % 16 == 0
+            and has_int8pack_mm()
+        )
+
+    def _plan(self, x: torch.Tensor) -> tuple[str, Any]:
+        """Return the path for ``x`` and what it needs (a packed weight), packing on first use."""
+        if not self._fast_path_allowed(x) or not self._scales_by_row():
+            return REFERENCE, None
+        packed = self._fbgemm_plan()
+        if packed is not None:
+            return FBGEMM, packed
+        rows = x.numel() // self.in_features
+        if self._uses_int8pack(rows, x.dtype):
+            return INT8PACK, None
+        # The int4 kernel runs in bfloat16; float16 inputs keep their precision on the workspace.
+        if rows <= INT4PACK_MAX_ROWS and x.dtype != torch.float16:
+            packed = self._int4pack_weight()
+            if packed is not None:
+                return INT4PACK, packed
+        return WORKSPACE, None
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        """Return the name of the path ``forward(x)`` takes, one of ``KERNELS``.
+
+        Packs the kernel weight on first use, because whether a kernel applies can depend on
+        the packing succeeding.
+
+        NOTE: a weight-only layer whose input requires grad, with grad mode on, takes the
+        reference path so that the gradient reaches the input. Run inference under
+        ``torch.no_grad()`` or ``torch.inference_mode()`` to get the fast paths.
+        """
+        return self._plan(x)[0]
+
+    # -----------------------------------------------------------------------------------------
+    # Paths
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel, packed = self._plan(x)
+        if kernel == FBGEMM:
+            return self._forward_fbgemm(x, packed)
+        if kernel == REFERENCE:
+            return self.forward_reference(x)
         x = self.quantize_input(x)
-        if self._uses_int8_kernel_layout():
-            scale = self.weight_scale.expand(self.out_features)
-            return int8_weight_linear(x, self.weight_codes, scale, self.bias)
-        return self.forward_reference(x, quantize_input=False)
+        if kernel == INT8PACK:
+            return self._forward_int8pack(x)
+        if kernel == INT4PACK:
+            return self._forward_int4pack(x, packed)
+        return self._forward_workspace(x)
 
     def forward_reference(self, x: torch.Tensor, quantize_input: bool = True) -> torch.Tensor:
         """Compute the output by dequantizing the whole weight; every fast path must match it."""
@@ -66,3 +319,128 @@ class QuantLinear(QuantizedLayer):
             x = self.quantize_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _add_bias(self, output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        output = output.to(dtype)
+        return output if self.bias is None else output + self.bias.to(dtype)
+
+    def _forward_fbgemm(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        if self._per_token():
+            return self._forward_per_token(x, packed)
+        if self.activations == "static":
+            input_scale = float(self.input_scale)
+            input_zero_point = int(self.input_zero_point)
+        else:
+            # The reference's qparams, so the two paths differ only where x / scale is a tie.
+            input_scale, input_zero_point = per_tensor_qparams(x, DYNAMIC_PER_TENSOR_SPEC)
+        # Detached: like the reference's rounding, the integer kernel passes no gradient.
+        x_float = x.detach().float() if x.requires_grad or x.dtype != torch.float32 else x
+        output = fbgemm_linear(x_float, input_scale, input_zero_point, packed)
+        return output if x.dtype == torch.float32 else output.to(x.dtype)
+
+    def _forward_per_token(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        """Run fbgemm on per-token codes and apply each token's scale and zero_point after.
+
+        With codes ``c``, per-token ``(s, z)`` and dequantized weight ``W``, the reference
+        computes ``s * (c - z) @ W.T``. The kernel computes ``(c - 128) @ W.T`` from the
+        centred codes; adding ``(128 - z) * W.sum(1)`` and multiplying by ``s`` gives the same
+        value up to float rounding.
+        """
+        x_float = x.detach().float()
+        scale, zero_point = choose_qparams(*min_max(x_float, DYNAMIC_SPEC), DYNAMIC_SPEC)
+        codes = quantize(x_float, scale, zero_point, DYNAMIC_SPEC)
+        centred = codes.to(torch.float32).sub_(_CENTER)
+        output = fbgemm_linear(centred, 1.0, _CENTER, packed)
+
+        offset = (_CENTER - zero_point).to(torch.float32).unsqueeze(-1)
+        output.addcmul_(offset, self._weight_row_sums())
+        output.mul_(scale.to(torch.float32).unsqueeze(-1))
+        return self._add_bias(output, x.dtype)
+
+    def _forward_int8pack(self, x: torch.Tensor) -> torch.Tensor:
+        # Float32 inputs run in bfloat16, where the kernel is fast.
+        dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+        output = int8pack_mm(x.to(dtype), self.weight_codes, self._int8pack_scale(dtype))
+        return self._add_bias(output, x.dtype)
+
+    def _forward_int4pack(self, x: torch.Tensor, packed: Int4PackedWeight) -> torch.Tensor:
+        output = int4pack_linear(x.to(torch.bfloat16), packed)
+        return self._add_bias(output, x.dtype)
+
+    def _scale_on_output(self, x: torch.Tensor) -> bool:
+        """Return True when the weight scale is cheaper to apply to the output than the weight.
+
+        Symmetric per_tensor and per_channel scales factor out of the matmul, and then one
+        multiply over (rows, out) replaces one over (out, in). Half inputs keep the exact
+        reference weight, which has to be dequantized for the cast anyway.
+        """
+        spec = self.weight_spec
+        rows = x.numel() // self.in_features
+        return (
+            x.dtype == torch.float32
+            and spec.symmetric
+            and spec.granularity in ("per_tensor", "per_channel")
+            and rows < self.in_features
+        )
+
+    def _forward_workspace(self, x: torch.Tensor) -> torch.Tensor:
+        if self._scale_on_output(x):
+            output = F.linear(x, self._weight_workspace(scaled=False))
+            output.mul_(self.weight_scale)
+            return output if self.bias is None else output.add_(self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight_workspace(x.dtype), bias)
+
+    def dequantized_weight_workspace(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Return :meth:`dequantized_weight` computed into this thread's reused workspace.
+
+        The values equal ``dequantized_weight(dtype)`` bit for bit. The tensor is overwritten by
+        the next layer that dequantizes into the workspace, so consume it at once. Scales must
+        cover output rows (per_tensor, per_group, or per_channel on axis 0).
+        """
+        staging = self._weight_workspace(scaled=True)
+        if dtype == torch.float32:
+            return staging
+        weight = workspace(tuple(staging.shape), dtype, staging.device)
+        weight.copy_(staging)
+        return weight
+
+    def _weight_workspace(self, scaled: bool) -> torch.Tensor:
+        """Return the float32 codes (``scaled=False``, symmetric only) or dequantized weight.
+
+        The rows are converted one tile at a time, so the unpacking, offset and scaling passes
+        over a tile run while it is still in the CPU cache.
+        """
+        spec = self.weight_spec
+        rows, columns = self.out_features, self.in_features
+        codes = self._buffers["weight_codes"]
+        staging = workspace((rows, columns), torch.float32, codes.device)
+        width = container_bits(spec.bits)
+        packed_rows = None
+        if width == 8:
+            codes = codes.reshape(rows, columns)
+        elif columns * width % 8 == 0:
+            packed_rows = codes.reshape(rows, columns * width // 8)
+        else:
+            # Rows do not start on a byte boundary, so the generic unpacking runs once.
+            codes = self.weight_int()
+        scale = self.weight_scale
+        zero_point = self.weight_zero_point
+        group_size = spec.group_size if spec.granularity == "per_group" else None
+
+        step = tile_rows(columns)
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            tile = staging[start:stop]
+            if packed_rows is not None:
+                unpack_codes_into(tile, packed_rows[start:stop], width, spec.quant_min)
+            else:
+                tile.copy_(codes[start:stop])
+            if not scaled:
+                continue
+            if scale.dim() == 0:
+                scale_rows_into(tile, scale, zero_point, group_size)
+            else:
+                tile_zero_point = None if zero_point is None else zero_point[start:stop]
+                scale_rows_into(tile, scale[start:stop], tile_zero_point, group_size)
+        return staging

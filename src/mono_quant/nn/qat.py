@@ -70,11 +70,20 @@ class _QATMixin:
         self.input_fake_quant = input_fake_quant
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize the input per the activation mode (dynamic: qparams computed per call)."""
+        """Fake-quantize the input per the activation mode (dynamic: qparams computed per call).
+
+        Dynamic inputs of Linear layers follow ``activation_granularity`` when the layer has
+        one, else ``"per_token"``, the default of ``QuantLinear``. Either way they round as
+        the converted layer will. Convolutions use one 8-bit pair per tensor.
+        """
         if self.activations == "static" and self.input_fake_quant is not None:
             return self.input_fake_quant(x)
         if self.activations == "dynamic" and bool(self.weight_fake_quant.fake_quant_enabled):
             spec = self._dynamic_spec
+            if spec.granularity == "per_token":
+                from mono_quant.nn.activation import dynamic_spec
+
+                spec = dynamic_spec(getattr(self, "activation_granularity", "per_token"))
             with torch.no_grad():
                 scale, zero_point = choose_qparams(*min_max(x, spec), spec)
             return fake_quantize(x, scale, zero_point, spec)

@@ -23,10 +23,13 @@ from mono_quant.core.qparams import choose_qparams, min_max
 from mono_quant.core.quantize import dequantize, quantize, storage_dtype
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import (
+    ACTIVATION_GRANULARITIES,
     ACTIVATION_MODES,
     STATIC_SPEC,
+    ActivationGranularity,
     ActivationMode,
-    dynamic_per_token,
+    dynamic_quantize,
+    dynamic_spec,
     quantize_dequantize,
 )
 
@@ -52,6 +55,12 @@ class QuantizedLayer(nn.Module):
     tensors for layers with several weights. In that case ``weight_qparams`` maps the same names
     to qparams. Every weight of a layer shares ``weight_spec``.
 
+    ``activation_granularity`` applies to dynamic activations: ``"per_token"`` (8-bit, one
+    scale per row of the last dimension) or ``"per_tensor"`` (7-bit, one scale per call). It is
+    saved in the extra state, and a state saved without it loads as ``"per_token"``. Layers that
+    call ``quantize_input(x, per_tensor=True)`` (convolutions) use one 8-bit pair per call
+    whatever its value.
+
     Class attributes tell ``convert`` what a subclass supports:
 
     * ``supports_static``: the first positional input is a float tensor whose range can be
@@ -67,6 +76,7 @@ class QuantizedLayer(nn.Module):
     supports_dynamic: ClassVar[bool] = True
     static_fallback: ClassVar[ActivationMode | None] = None
     weight_only_reason: ClassVar[str] = "its inputs are not quantized"
+    activation_granularity: ActivationGranularity | None = None
 
     @classmethod
     def check_activations(cls, activations: ActivationMode | None) -> None:
@@ -95,9 +105,15 @@ class QuantizedLayer(nn.Module):
         activations: ActivationMode | None = None,
         input_qparams: QParams | None = None,
         weight_qparams: QParams | Mapping[str, QParams | None] | None = None,
+        activation_granularity: ActivationGranularity = "per_token",
     ) -> None:
         super().__init__()
         self.check_activations(activations)
+        if activation_granularity not in ACTIVATION_GRANULARITIES:
+            raise ValueError(
+                f"activation_granularity={activation_granularity!r} is not one of "
+                f"{ACTIVATION_GRANULARITIES}."
+            )
         if activations == "static" and input_qparams is None:
             raise ValueError("static activations need input qparams from calibration.")
 
@@ -117,6 +133,8 @@ class QuantizedLayer(nn.Module):
 
         self.weight_spec = weight_spec
         self.activations = activations
+        # Only dynamic inputs have a granularity, so the other modes store None.
+        self.activation_granularity = activation_granularity if activations == "dynamic" else None
         self.weight_names = tuple(weights)
         self.weight_shapes = {name: tuple(w.shape) for name, w in weights.items()}
         # The single-weight layers (Linear, Conv) expose their shape directly.
@@ -228,13 +246,18 @@ class QuantizedLayer(nn.Module):
     def quantize_input(self, x: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
         """Round ``x`` to the activation grid of this layer, or return it unchanged.
 
+        Dynamic inputs follow ``activation_granularity``; ``per_tensor=True`` (convolutions)
+        uses one 8-bit pair for the whole tensor instead.
+
         NOTE: inputs are rounded and returned as floats (simulated int8), so the matmul runs in
-        float. This reproduces int8 accuracy exactly; it does not make the layer faster.
+        float. Layers with an integer kernel (``QuantLinear``) skip this on their fast path.
         """
         if self.activations is None:
             return x
         if self.activations == "dynamic":
-            return dynamic_per_token(x, per_tensor=per_tensor)
+            if per_tensor:
+                return dynamic_quantize(x, STATIC_SPEC)
+            return dynamic_quantize(x, dynamic_spec(self.activation_granularity or "per_token"))
         return quantize_dequantize(x, self.input_scale, self.input_zero_point, STATIC_SPEC)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -256,6 +279,8 @@ class QuantizedLayer(nn.Module):
                 name: list(shape) for name, shape in self.weight_shapes.items()
             }
         state["activations"] = self.activations
+        if self.activations == "dynamic":
+            state["activation_granularity"] = self.activation_granularity
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
@@ -278,11 +303,21 @@ class QuantizedLayer(nn.Module):
                 f"quantized layer state has format_version={version!r}, newer than this "
                 f"mono_quant supports ({FORMAT_VERSION}); upgrade mono_quant to load it."
             )
+        # The granularity of dynamic inputs is taken from the saved state, not compared with
+        # the layer's: it changes no stored tensor. States saved before it existed used
+        # per_token.
+        granularity = state.get("activation_granularity", "per_token")
+        if self.activations == "dynamic" and granularity not in ACTIVATION_GRANULARITIES:
+            raise ValueError(
+                f"quantized layer state has activation_granularity={granularity!r}, which is not "
+                f"one of {ACTIVATION_GRANULARITIES}; the file is damaged or from a newer "
+                "mono_quant."
+            )
         expected = self.get_extra_state()
         mismatched = {
             key: (state.get(key), value)
             for key, value in expected.items()
-            if key != "format_version" and state.get(key) != value
+            if key not in ("format_version", "activation_granularity") and state.get(key) != value
         }
         if mismatched:
             details = ", ".join(
@@ -292,6 +327,8 @@ class QuantizedLayer(nn.Module):
                 f"quantized layer layout does not match the saved state ({details}); quantize "
                 "the model with the same config before loading this state_dict."
             )
+        if self.activations == "dynamic":
+            self.activation_granularity = granularity
 
     def extra_repr(self) -> str:
         spec = self.weight_spec
@@ -301,10 +338,10 @@ class QuantizedLayer(nn.Module):
             shapes = f"weight_shape={self.weight_shape}"
         else:
             shapes = f"weights={len(self.weight_names)}"
-        return (
-            f"{shapes}, bits={spec.bits}, {kind}, "
-            f"{spec.granularity}{group}, activations={self.activations}"
-        )
+        activations = f"activations={self.activations}"
+        if self.activation_granularity is not None:
+            activations += f" ({self.activation_granularity})"
+        return f"{shapes}, bits={spec.bits}, {kind}, {spec.granularity}{group}, {activations}"
 
     @classmethod
     def layer_spec(cls, spec: QuantSpec) -> QuantSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import warnings
@@ -220,12 +221,16 @@ def _quantize_layer(
     qparams = _observe_weights(weights, weight_spec, name, config)
     # Single-weight layers (Linear, Conv) take one qparams pair, the others a mapping by name.
     weight_qparams: Any = qparams["weight"] if list(qparams) == ["weight"] else qparams
+    options: dict[str, Any] = {}
+    if activations == "dynamic" and _takes(quantized_type, "activation_granularity"):
+        options["activation_granularity"] = config.activation_granularity
     layer: QuantizedLayer = quantized_type.from_float(
         float_module,
         weight_spec,
         activations=activations,
         input_qparams=input_qparams,
         weight_qparams=weight_qparams,
+        **options,
     )
     layer.train(float_module.training)
     tied = _share_quantized(layer, weights, name, shared)
@@ -241,6 +246,11 @@ def _quantize_layer(
         if n not in tied
     )
     return layer, report
+
+
+def _takes(quantized_type: type[QuantizedLayer], argument: str) -> bool:
+    """Return True when ``quantized_type.from_float`` accepts ``argument``."""
+    return argument in inspect.signature(quantized_type.from_float).parameters
 
 
 def _float_row(decision: LayerDecision, model: nn.Module) -> LayerReport:

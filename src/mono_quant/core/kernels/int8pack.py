@@ -1,10 +1,10 @@
-"""Fast matmul kernels from torch core, each behind a feature check with a reference fallback.
+"""Weight-only int8 linear through ``aten._weight_int8pack_mm``, with a reference fallback.
 
-The reference path dequantizes the weight into the activation dtype and calls ``F.linear``. A
-kernel is used only where it was measured to be faster than that path. For a 4096x4096 layer on a
-2-core x86-64 CPU with torch 2.13, ``aten._weight_int8pack_mm`` was 1.9x to 3.1x faster with
-bfloat16 activations and 1 to 8 rows. With float32 activations or 64 rows and more it was slower,
-so the dispatch below sends those inputs to the reference.
+The reference path dequantizes the weight into the activation dtype and calls ``F.linear``. For
+a 4096x4096 layer on a 2-core x86-64 CPU with torch 2.13, ``aten._weight_int8pack_mm`` was 1.9x
+to 3.1x faster with bfloat16 activations and 1 to 8 rows. With float32 activations it was 7x
+slower than float32 ``F.linear``, and at 64 rows it was no faster, so :func:`int8pack_applies`
+sends those inputs to the reference.
 """
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
-# Rows (tokens, batch items) up to which the int8 weight-only kernel beats dequantize + F.linear.
+# Rows (tokens, batch items) up to which the int8 weight-only kernel beats dequantize + F.linear
+# for bfloat16/float16 inputs.
 # NOTE: measured on one 2-core x86-64 CPU; other machines may move the crossover.
 INT8PACK_MAX_ROWS = 32
+# The same for float32 inputs, which are cast to bfloat16 for the kernel. For a 4096x4096 layer
+# (2 threads, AMD EPYC with AVX-512 VNNI/BF16, torch 2.13) the kernel took 14.2 / 27.4 / 40.5
+# ms at 64 / 128 / 192 rows, the float32 workspace path 18.5 / 29.0 / 38.7 ms.
+INT8PACK_MAX_ROWS_FLOAT32 = 128
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Byte alignment of fresh CPU allocations in torch, which the kernel's vector loads rely on.
 _KERNEL_ALIGNMENT = 64
@@ -68,11 +73,23 @@ def int8_weight_linear(
     if not int8pack_applies(x, weight):
         return int8_weight_linear_reference(x, weight, scale, bias)
 
+    out = int8pack_mm(x, weight, scale.to(x.dtype))
+    return out if bias is None else out + bias.to(x.dtype)
+
+
+def kernel_rows(x: torch.Tensor) -> torch.Tensor:
+    """Return ``x`` as a contiguous 2-D tensor whose data starts on a fresh allocation boundary.
+
+    The AVX-512 kernels read rows with aligned loads and crash on a view that starts inside a
+    larger buffer, so such inputs are copied into a fresh allocation.
+    """
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     if rows.data_ptr() % _KERNEL_ALIGNMENT:
-        # The AVX-512 kernel reads rows with aligned loads and crashes on a view that starts
-        # inside a larger buffer, so such inputs are copied into a fresh allocation.
         rows = rows.clone()
-    out = torch.ops.aten._weight_int8pack_mm(rows, weight, scale.to(x.dtype))
-    out = out.reshape(*x.shape[:-1], weight.shape[0])
-    return out if bias is None else out + bias.to(x.dtype)
+    return rows
+
+
+def int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Return ``x @ (weight * scale[:, None]).T`` from the kernel, in ``x``'s dtype; no bias."""
+    out = torch.ops.aten._weight_int8pack_mm(kernel_rows(x), weight, scale)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
