@@ -1,4 +1,16 @@
-"""Quantized ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``."""
+"""Quantized ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
+
+``forward`` picks one of three paths per call (:meth:`_QuantConvNd.kernel_for` names it):
+
+* ``"int8"``: static or dynamic inputs on a VNNI CPU, for calls large enough to pay for the
+  kernel's set-up: the input is rounded to uint8 codes and a oneDNN int8 convolution with a
+  prepacked weight returns float32 (see :mod:`mono_quant.core.conv_kernels`);
+* ``"workspace"``: the weight is dequantized into a reused buffer and a float convolution runs
+  on the rounded input. It equals ``forward_reference`` bit for bit;
+* ``"reference"``: ``forward_reference``, for everything else (codes below 8 bits, float64,
+  non-CPU devices, autograd, ``torch.compile`` and ``torch.export``, and
+  ``MONO_QUANT_KERNELS=reference``).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mono_quant.core import conv_kernels
+from mono_quant.core.fastpath import (
+    BufferPlan,
+    dequantize_factors,
+    dequantize_into,
+    dequantize_into_supported,
+    fast_paths_enabled,
+    per_tensor_qparams,
+    round_to_grid,
+    static_input_grid,
+    workspace,
+)
 from mono_quant.core.spec import QuantSpec
-from mono_quant.nn.activation import ActivationMode
-from mono_quant.nn.quantized import QuantizedLayer
+from mono_quant.nn.activation import STATIC_SPEC, ActivationMode
+from mono_quant.nn.quantized import QuantizedLayer, container_bits
+
+# Input grid of quantize_input(x, per_tensor=True): static and dynamic inputs both use it.
+INPUT_SPEC = STATIC_SPEC
+# Input dtypes whose workspace dequantization rounds exactly like dequantize(); float64 would
+# multiply in float64 where the reference rounds the product to float32 first.
+WORKSPACE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _QuantConvNd(QuantizedLayer):
@@ -63,20 +93,158 @@ class _QuantConvNd(QuantizedLayer):
         return cls(module, weight_spec, activations, input_qparams, weight_qparams)
 
     def _convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self._buffers["bias"]
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return type(self)._conv(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
+    # ---- fast paths ---------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to() and friends replace the buffers; the plan would keep the old ones alive.
+        self.__dict__.pop("_fast_plan", None)
+        return super()._apply(fn, recurse)
+
+    def _plan(self) -> _FastPlan:
+        buffers = self._buffers
+        sources = (
+            buffers["weight_codes"],
+            buffers["weight_scale"],
+            buffers["weight_zero_point"],
+            buffers["bias"],
+            buffers.get("input_scale"),
+            buffers.get("input_zero_point"),
+        )
+        plan = self.__dict__.get("_fast_plan")
+        if plan is None or not plan.is_current(sources):
+            plan = self.__dict__["_fast_plan"] = _FastPlan(self, sources)
+        return plan
+
+    def _choose(self, x: torch.Tensor) -> tuple[str, _FastPlan | None]:
+        if not fast_paths_enabled(x) or x.dtype not in WORKSPACE_DTYPES:
+            return "reference", None
+        plan = self._plan()
+        if not plan.workspace:
+            return "reference", None
+        if (
+            plan.int8
+            and x.dtype == torch.float32
+            and x.dim() == plan.dims
+            and conv_kernels.int8_conv_pays_off(
+                x.shape, self.out_channels, self.weight_shape, self.stride
+            )
+        ):
+            return "int8", plan
+        return "workspace", plan
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        """Return the path ``forward`` takes for ``x``: ``int8``, ``workspace`` or ``reference``."""
+        return self._choose(x)[0]
+
+    def _round_input(self, plan: _FastPlan, x: torch.Tensor) -> torch.Tensor:
+        if plan.static_grid is not None:
+            scale, _, low, high = plan.static_grid
+            return round_to_grid(x, scale, low, high)
+        scale, zero_point = per_tensor_qparams(x, INPUT_SPEC)
+        low, high = INPUT_SPEC.quant_min - zero_point, INPUT_SPEC.quant_max - zero_point
+        return round_to_grid(x, scale, float(low), float(high))
+
+    def _forward_workspace(self, plan: _FastPlan, x: torch.Tensor) -> torch.Tensor:
+        if self.activations is not None:
+            x = self._round_input(plan, x)
+        codes = plan.sources[0]
+        weight = workspace(codes.shape, x.dtype, codes.device)
+        return self._convolve(x, dequantize_into(weight, codes, *plan.factors))
+
+    def _forward_int8(self, plan: _FastPlan, x: torch.Tensor) -> torch.Tensor:
+        if plan.static_qparams is not None:
+            scale, zero_point = plan.static_qparams
+            scale_operand, zero_point_operand = plan.static_grid[:2]  # type: ignore[index]
+        else:
+            scale, zero_point = per_tensor_qparams(x, INPUT_SPEC)
+            scale_operand, zero_point_operand = scale, float(zero_point)
+        source = x
+        if plan.pad_input:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            source = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        packed, weight_scale = plan.packed_weight(self)
+        bias = plan.sources[3]
+        output = conv_kernels.int8_conv(
+            conv_kernels.input_codes(source, scale_operand, zero_point_operand),
+            scale,
+            zero_point,
+            packed,
+            weight_scale,
+            None if bias is None else bias.float(),
+            self.stride,
+            plan.int8_padding,
+            self.dilation,
+            self.groups,
+        )
+        return conv_kernels.match_memory_format(output, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel, plan = self._choose(x)
+        if kernel == "workspace":
+            return self._forward_workspace(plan, x)  # type: ignore[arg-type]
+        if kernel == "int8":
+            return self._forward_int8(plan, x)  # type: ignore[arg-type]
         return self.forward_reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Compute the output by dequantizing the whole weight."""
         x = self.quantize_input(x, per_tensor=True)
         return self._convolve(x, self.dequantized_weight(x.dtype))
+
+
+class _FastPlan(BufferPlan):
+    """Per-layer state that the fast paths of a convolution reuse; see :class:`BufferPlan`."""
+
+    def __init__(self, layer: _QuantConvNd, sources: tuple[torch.Tensor | None, ...]) -> None:
+        super().__init__(sources)
+        spec = layer.weight_spec
+        codes, scale, zero_point = sources[:3]
+        shape = tuple(codes.shape) if container_bits(spec.bits) == 8 else ()
+        self.workspace = dequantize_into_supported(spec, shape)
+        self.factors = dequantize_factors(scale, zero_point, spec, shape) if self.workspace else ()
+        self.dims = len(layer.weight_shape)
+        self.int8 = (
+            self.workspace
+            and layer.activations is not None
+            and spec.symmetric
+            and (
+                spec.granularity == "per_tensor"
+                or (spec.granularity == "per_channel" and spec.axis in (0, -self.dims))
+            )
+            and conv_kernels.int8_conv_available(self.dims - 2)
+        )
+        # String padding ("same", "valid") and other padding modes are applied to the float
+        # input before rounding. Rounding is elementwise, so the order does not change codes.
+        self.pad_input = isinstance(layer.padding, str) or layer.padding_mode != "zeros"
+        self.int8_padding = (0,) * (self.dims - 2) if self.pad_input else tuple(layer.padding)
+        # Static qparams as Python numbers for the int8 call and as tensors for the rounding.
+        self.static_qparams: tuple[float, int] | None = None
+        self.static_grid: tuple[torch.Tensor, ...] | None = None
+        if layer.activations == "static":
+            input_scale, input_zero_point = sources[4], sources[5]
+            self.static_qparams = (float(input_scale), int(input_zero_point))
+            self.static_grid = static_input_grid(input_scale, input_zero_point, INPUT_SPEC)
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def packed_weight(self, layer: _QuantConvNd) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the oneDNN weight and its per-channel scales, packed on first use."""
+        if self._packed is None:
+            codes, scale = self.sources[:2]
+            scale = scale.expand(layer.out_channels).contiguous()
+            packed = conv_kernels.prepack_weight(
+                codes, scale, layer.stride, self.int8_padding, layer.dilation, layer.groups
+            )
+            self._packed = (packed, scale)
+        return self._packed
 
 
 class QuantConv1d(_QuantConvNd):

@@ -2,6 +2,12 @@
 
 A transposed convolution stores its weight as ``(in_channels, out_channels / groups, *kernel)``,
 so its output channels sit along dim 1. Per-channel scales are therefore taken along axis 1.
+
+``forward`` dequantizes 8-bit weights into a reused buffer and runs the float transposed
+convolution on the rounded input, which equals ``forward_reference`` bit for bit. torch 2.13
+has no int8 transposed convolution that returns float32 (``quantized::conv_transpose2d``
+requantizes its output to 8 bits), so there is no integer path. Inputs the workspace path does
+not cover take ``forward_reference``; :meth:`_QuantConvTransposeNd.kernel_for` names the path.
 """
 
 from __future__ import annotations
@@ -14,9 +20,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mono_quant.core.fastpath import (
+    BufferPlan,
+    dequantize_factors,
+    dequantize_into,
+    dequantize_into_supported,
+    fast_paths_enabled,
+    per_tensor_qparams,
+    round_to_grid,
+    static_input_grid,
+    workspace,
+)
 from mono_quant.core.spec import QuantSpec
-from mono_quant.nn.activation import ActivationMode
-from mono_quant.nn.quantized import QParams, QuantizedLayer
+from mono_quant.nn.activation import STATIC_SPEC, ActivationMode
+from mono_quant.nn.quantized import QParams, QuantizedLayer, container_bits
+
+# Input grid of quantize_input(x, per_tensor=True): static and dynamic inputs both use it.
+INPUT_SPEC = STATIC_SPEC
+# Input dtypes whose workspace dequantization rounds exactly like dequantize(); float64 would
+# multiply in float64 where the reference rounds the product to float32 first.
+WORKSPACE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _QuantConvTransposeNd(QuantizedLayer):
@@ -106,8 +129,66 @@ class _QuantConvTransposeNd(QuantizedLayer):
             list(self.dilation),
         )
 
+    # ---- fast path ----------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to() and friends replace the buffers; the plan would keep the old ones alive.
+        self.__dict__.pop("_fast_plan", None)
+        return super()._apply(fn, recurse)
+
+    def _plan(self) -> _TransposePlan:
+        buffers = self._buffers
+        sources = (
+            buffers["weight_codes"],
+            buffers["weight_scale"],
+            buffers["weight_zero_point"],
+            buffers["bias"],
+            buffers.get("input_scale"),
+            buffers.get("input_zero_point"),
+        )
+        plan = self.__dict__.get("_fast_plan")
+        if plan is None or not plan.is_current(sources):
+            plan = self.__dict__["_fast_plan"] = _TransposePlan(self, sources)
+        return plan
+
+    def _workspace_plan(self, x: torch.Tensor) -> _TransposePlan | None:
+        if not fast_paths_enabled(x) or x.dtype not in WORKSPACE_DTYPES:
+            return None
+        plan = self._plan()
+        return plan if plan.workspace else None
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        """Return the path ``forward`` takes for ``x``: ``workspace`` or ``reference``."""
+        return "reference" if self._workspace_plan(x) is None else "workspace"
+
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        return self.forward_reference(x, output_size)
+        plan = self._workspace_plan(x)
+        if plan is None:
+            return self.forward_reference(x, output_size)
+        output_padding = self._output_padding_for(x, output_size)
+        if plan.static_grid is not None:
+            scale, _, low, high = plan.static_grid
+            x = round_to_grid(x, scale, low, high)
+        elif self.activations == "dynamic":
+            scale, zero_point = per_tensor_qparams(x, INPUT_SPEC)
+            low, high = INPUT_SPEC.quant_min - zero_point, INPUT_SPEC.quant_max - zero_point
+            x = round_to_grid(x, scale, float(low), float(high))
+        codes = plan.sources[0]
+        weight = workspace(codes.shape, x.dtype, codes.device)
+        dequantize_into(weight, codes, *plan.factors)
+        bias = plan.sources[3]
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return type(self)._conv(
+            x,
+            weight,
+            bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+        )
 
     def forward_reference(
         self, x: torch.Tensor, output_size: list[int] | None = None
@@ -126,6 +207,23 @@ class _QuantConvTransposeNd(QuantizedLayer):
             self.groups,
             self.dilation,
         )
+
+
+class _TransposePlan(BufferPlan):
+    """Per-layer state that the workspace path reuses across calls; see :class:`BufferPlan`."""
+
+    def __init__(
+        self, layer: _QuantConvTransposeNd, sources: tuple[torch.Tensor | None, ...]
+    ) -> None:
+        super().__init__(sources)
+        spec = layer.weight_spec
+        codes, scale, zero_point = sources[:3]
+        shape = tuple(codes.shape) if container_bits(spec.bits) == 8 else ()
+        self.workspace = dequantize_into_supported(spec, shape)
+        self.factors = dequantize_factors(scale, zero_point, spec, shape) if self.workspace else ()
+        self.static_grid: tuple[torch.Tensor, ...] | None = None
+        if layer.activations == "static":
+            self.static_grid = static_input_grid(sources[4], sources[5], INPUT_SPEC)
 
 
 class QuantConvTranspose1d(_QuantConvTransposeNd):
