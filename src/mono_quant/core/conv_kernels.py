@@ -21,11 +21,10 @@ import functools
 import math
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-_CPUINFO = Path("/proc/cpuinfo")
+from mono_quant.core.kernels.cpu import has_vnni
 
 # Multiply-accumulates per call from which the int8 kernel beats the float path. Measured with
 # scripts timing 3x3 convolutions on a 2-core AVX512-VNNI CPU (torch 2.13, one thread): at 0.3M
@@ -39,25 +38,6 @@ MIN_REDUCTION = 32
 MIN_MACS_SHORT_REDUCTION = 4_000_000
 
 _OPS = {1: "qconv1d_pointwise", 2: "qconv2d_pointwise", 3: "qconv3d_pointwise"}
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """Return the instruction-set flags of the first CPU in ``/proc/cpuinfo``, or an empty set."""
-    try:
-        text = _CPUINFO.read_text(errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
-
-
-def has_vnni() -> bool:
-    """Return True when the CPU has VNNI, whose u8 x s8 dot products never saturate."""
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 def prepack_weight(

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from mono_quant.core.conv_kernels import has_vnni
 from mono_quant.core.fastpath import per_row_qparams, per_tensor_qparams, quantize_codes
+from mono_quant.core.kernels.cpu import has_vnni
 from mono_quant.core.spec import QuantSpec
 
 _LINEAR_OPS = ("linear_prepack", "linear_with_input_q_dq_qweight_dq_output_fp32")

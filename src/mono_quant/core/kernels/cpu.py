@@ -28,7 +28,7 @@ def cpu_flags() -> frozenset[str]:
 
 def has_vnni() -> bool:
     """Return True when the CPU has VNNI, whose u8 x s8 dot products never saturate."""
-    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 def has_native_bfloat16() -> bool:
