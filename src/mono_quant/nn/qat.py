@@ -16,7 +16,7 @@ from torch import nn
 from mono_quant.core.qparams import choose_qparams, min_max
 from mono_quant.core.quantize import fake_quantize
 from mono_quant.core.spec import QuantSpec
-from mono_quant.nn.activation import DYNAMIC_SPEC, STATIC_SPEC, ActivationMode
+from mono_quant.nn.activation import DYNAMIC_SPEC, STATIC_SPEC, ActivationMode, dynamic_spec
 from mono_quant.nn.fake_quant import FakeQuantize
 
 
@@ -81,8 +81,6 @@ class _QATMixin:
         if self.activations == "dynamic" and bool(self.weight_fake_quant.fake_quant_enabled):
             spec = self._dynamic_spec
             if spec.granularity == "per_token":
-                from mono_quant.nn.activation import dynamic_spec
-
                 spec = dynamic_spec(getattr(self, "activation_granularity", "per_token"))
             with torch.no_grad():
                 scale, zero_point = choose_qparams(*min_max(x, spec), spec)

@@ -19,13 +19,14 @@ from mono_quant.nn.fake_quant import FakeQuantize
 from mono_quant.nn.qat import (
     CONV_BN_PATTERNS,
     QAT_MODULES,
+    QATLinear,
     _QATConvBnNd,
     _QATMixin,
     bn_fold_factor,
 )
 from mono_quant.nn.quantized import QuantizedLayer
 from mono_quant.nn.registry import QUANTIZED_MODULES
-from mono_quant.transform.convert import _float_row, _group_note, _tensor_bytes
+from mono_quant.transform.convert import _float_row, _group_note, _takes, _tensor_bytes
 from mono_quant.transform.report import LayerReport, QuantizationReport
 from mono_quant.transform.select import LayerDecision, select_layers
 from mono_quant.transform.state import QuantizationState, get_state, replace_module, set_state
@@ -148,6 +149,9 @@ def prepare_qat(
             layer = qat_type.from_float(
                 float_module, weight_quantizer, activations, input_quantizer
             )
+            if activations == "dynamic" and isinstance(layer, QATLinear):
+                # Training rounds inputs on the grid the converted QuantLinear will use.
+                layer.activation_granularity = config.activation_granularity
         model = replace_module(model, decision.name, layer)
 
     set_state(model, QuantizationState(config=config, decisions=decisions, mode="qat"))
@@ -256,12 +260,16 @@ def _convert_layer(
 
     weight_qparams = layer.weight_fake_quant.current_qparams(weight)
     quantized_type = QUANTIZED_MODULES[type(plain)]
+    options: dict[str, Any] = {}
+    if config.activations == "dynamic" and _takes(quantized_type, "activation_granularity"):
+        options["activation_granularity"] = config.activation_granularity
     quantized: QuantizedLayer = quantized_type.from_float(
         plain,
         config.weight_spec(),
         activations=cast(Any, config.activations),
         input_qparams=input_qparams,
         weight_qparams=(weight_qparams[0].detach(), weight_qparams[1]),
+        **options,
     )
     report.format = config.label
     report.reason = _group_note(weight, config)
