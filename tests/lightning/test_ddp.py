@@ -23,16 +23,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# One spawned worker aborted at interpreter exit, after its work had finished ("terminate called
+# without an active exception"); that was seen once in about ten runs of this file.
+# NOTE: the cause is not found yet; a run that aborts that way is retried once, and any other
+# failure, or the same abort twice, fails the test.
+_EXIT_ABORT = "terminate called without an active exception"
+
+
 def _run(strategy: str, mode: str, out_dir: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(SOURCE), "GLOO_SOCKET_IFNAME": "lo"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), strategy, mode, str(out_dir)],
-        env=env,
-        cwd=out_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [sys.executable, str(SCRIPT), strategy, mode, str(out_dir)]
+    for attempt in range(2):
+        result = subprocess.run(
+            command, env=env, cwd=out_dir, capture_output=True, text=True, timeout=300
+        )
+        if result.returncode == 0 or _EXIT_ABORT not in result.stderr or attempt == 1:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
