@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import ctypes
 import math
-import threading
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from mono_quant.core.kernels.mode import fast_kernels_enabled
+
+# Convolutions and recurrent layers share the Linear layers' per-thread buffer, so a model holds
+# one workspace per device and dtype, and one call frees it.
+from mono_quant.core.kernels.workspace import release_workspaces as release_workspaces
+from mono_quant.core.kernels.workspace import workspace as workspace
 from mono_quant.core.qparams import MIN_SCALE, choose_qparams, min_max
 from mono_quant.core.spec import QuantSpec
 
@@ -94,57 +97,6 @@ def static_input_grid(
     values = [point, spec.quant_min - point, spec.quant_max - point]
     grid = torch.tensor(values, dtype=torch.float32, device=scale.device)
     return scale.float(), grid[0], grid[1], grid[2]
-
-
-# ---- workspace -----------------------------------------------------------------------------
-
-_local = threading.local()
-
-
-def _state() -> tuple[dict[tuple[Any, ...], torch.Tensor], dict[tuple[Any, ...], torch.Tensor]]:
-    state = getattr(_local, "state", None)
-    if state is None:
-        state = _local.state = ({}, {})
-    return state
-
-
-def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Return a contiguous tensor of ``shape`` with undefined contents, reused across calls.
-
-    The tensor views this thread's buffer for ``(device, dtype)``, which grows to the largest
-    request. Its contents stay valid until the next request in this thread, so a caller must
-    finish with it before any other layer runs.
-
-    NOTE: each thread keeps one buffer per (device, dtype) as large as the largest request so
-    far: the largest convolution weight, or all matrices of one recurrent layer, in float.
-    :func:`release_workspaces` frees it.
-    """
-    buffers, views = _state()
-    view_key = (shape, dtype, device)
-    view = views.get(view_key)
-    if view is not None:
-        return view
-    numel = math.prod(shape)
-    key = (dtype, device)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffers.pop(key, None)
-        # Views of the old buffer would keep it alive.
-        views.clear()
-        # A buffer created under torch.inference_mode would reject in-place writes outside it.
-        with torch.inference_mode(False):
-            buffer = torch.empty(numel, dtype=dtype, device=device)
-        buffers[key] = buffer
-    with torch.inference_mode(False):
-        view = buffer[:numel].view(shape)
-    views[view_key] = view
-    return view
-
-
-def release_workspaces() -> None:
-    """Free this thread's workspace buffers."""
-    for table in _state():
-        table.clear()
 
 
 def dequantize_into_supported(spec: QuantSpec, shape: Sequence[int]) -> bool:

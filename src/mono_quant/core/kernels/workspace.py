@@ -12,8 +12,10 @@ in that thread or the thread ends.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
+from typing import Any
 
 import torch
 
@@ -27,33 +29,43 @@ _local = threading.local()
 TILE_BYTES = 4 * 1024 * 1024
 
 
-def _buffers() -> dict[tuple[torch.device, torch.dtype], torch.Tensor]:
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = {}
-    return buffers
+def _state() -> tuple[dict[tuple[Any, ...], torch.Tensor], dict[tuple[Any, ...], torch.Tensor]]:
+    """Return this thread's buffers by (device, dtype) and its views of them by request."""
+    state = getattr(_local, "state", None)
+    if state is None:
+        state = _local.state = ({}, {})
+    return state
 
 
 def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Return a contiguous tensor of ``shape`` whose contents are undefined, reused across calls.
 
-    The tensor is a view of this thread's buffer for ``(device, dtype)``. It is valid until the
-    next call with the same device and dtype in this thread, so a caller must consume it before
-    dequantizing another weight.
+    The tensor is a view of this thread's buffer for ``(device, dtype)``, and the same request
+    returns the same view. It is valid until the next request with the same device and dtype in
+    this thread, so a caller must consume it before another layer asks for the workspace.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
+    buffers, views = _state()
+    view_key = (tuple(shape), dtype, device)
+    view = views.get(view_key)
+    if view is not None:
+        return view
+
+    numel = math.prod(shape)
     key = (torch.device(device), dtype)
-    buffers = _buffers()
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffers.pop(key, None)
+        # Cached views of the old buffer would keep it alive.
+        views.clear()
         # A buffer made inside torch.inference_mode would reject in-place writes outside it.
         with torch.inference_mode(False):
             buffer = torch.empty(numel, dtype=dtype, device=device)
         buffers[key] = buffer
-    return buffer[:numel].view(shape)
+
+    with torch.inference_mode(False):
+        view = buffer[:numel].view(shape)
+    views[view_key] = view
+    return view
 
 
 def tile_rows(columns: int) -> int:
@@ -63,7 +75,8 @@ def tile_rows(columns: int) -> int:
 
 def release_workspaces() -> None:
     """Free this thread's workspace buffers."""
-    _buffers().clear()
+    for table in _state():
+        table.clear()
 
 
 # Integer type wide enough to hold one byte per code of a packed byte: the codes of a byte are
