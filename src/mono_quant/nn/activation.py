@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-import struct
 from typing import Literal
 
 import torch
 
-from mono_quant.core.qparams import MIN_SCALE, choose_qparams, min_max
+from mono_quant.core.fastpath import per_tensor_qparams as fast_per_tensor_qparams
+from mono_quant.core.qparams import choose_qparams, min_max
 from mono_quant.core.quantize import dequantize, quantize
 from mono_quant.core.spec import QuantSpec
 
@@ -55,43 +54,17 @@ def dynamic_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return quantize_dequantize(x, scale, zero_point, spec)
 
 
-def _float32(value: float) -> float:
-    """Round a Python float to the nearest float32 value."""
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
 def per_tensor_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[float, int]:
-    """Return the affine per_tensor ``(scale, zero_point)`` of ``x`` as Python numbers.
+    """Return the per_tensor ``(scale, zero_point)`` of ``x`` as Python numbers.
 
-    The values equal ``choose_qparams(*min_max(x, spec), spec)`` exactly, at a fraction of its
-    per-call cost (a few microseconds instead of about a hundred), because the arithmetic runs
-    on Python floats. Each step rounds to float32 as the tensor code does: one float64
-    operation on float32 operands, rounded once to float32, gives the correctly rounded float32
-    result. Non-finite inputs go through ``choose_qparams``, which raises its usual error.
+    The values equal ``choose_qparams(*min_max(x, spec), spec)`` exactly. Affine specs take the
+    fast Python-float arithmetic of :func:`mono_quant.core.fastpath.per_tensor_qparams`;
+    symmetric specs go through ``choose_qparams``.
     """
-    if x.numel() == 0:
-        min_val = max_val = 0.0
-    else:
-        # float32, bfloat16 and float16 values convert to Python floats exactly.
-        low, high = torch.aminmax(x.detach() if x.requires_grad else x)
-        min_val, max_val = float(low), float(high)
-    if not (math.isfinite(min_val) and math.isfinite(max_val)) or spec.symmetric:
+    if spec.symmetric:
         scale, zero_point = choose_qparams(*min_max(x, spec), spec)
         return float(scale), int(zero_point)
-
-    min_neg = min(min_val, 0.0)
-    max_pos = max(max_val, 0.0)
-    levels = float(spec.quant_max - spec.quant_min)
-    scale = _float32(_float32(max_pos / levels) - _float32(min_neg / levels))
-    scale = max(scale, MIN_SCALE)
-    zero_point = spec.quant_min - round(_float32(min_neg / scale))
-    zero_point = min(max(zero_point, spec.quant_min), spec.quant_max)
-    widest = max(zero_point - spec.quant_min, spec.quant_max - zero_point, 1)
-    scale = min(scale, _float32(_FLOAT32_MAX / widest))
-    return scale, int(zero_point)
+    return fast_per_tensor_qparams(x, spec)
 
 
 def dynamic_per_token(x: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
