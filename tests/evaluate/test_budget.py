@@ -54,7 +54,7 @@ def _accuracy(model: nn.Module, batches: list) -> float:
     return correct / sum(len(y) for _, y in batches)
 
 
-def test_budget_met_with_fewer_wide_layers_than_first_last_float(digits) -> None:
+def test_budget_beats_first_last_float(digits) -> None:
     model, batches = digits
     float_accuracy = _accuracy(model, batches)
     everywhere = mq.quantize(model, INT4)

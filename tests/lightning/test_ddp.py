@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 # One spawned worker aborted at interpreter exit, after its work had finished ("terminate called
 # without an active exception"); that was seen once in about ten runs of this file.
-# NOTE: the cause is not found yet; a run that aborts that way is retried once, and any other
+# NOTE: the cause is not found yet. A run that aborts that way is retried once. Any other
 # failure, or the same abort twice, fails the test.
 _EXIT_ABORT = "terminate called without an active exception"
 

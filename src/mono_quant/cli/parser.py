@@ -189,7 +189,7 @@ def quantize_parser() -> ArgumentParser:
         "--monitor",
         type=str | None,
         default=None,
-        help="Metric the budget holds: a metric name or a unique prefix such as 'acc' "
+        help="Metric the budget applies to: a metric name or a unique prefix such as 'acc' "
         "(default: the first metric).",
     )
     parser.add_argument(

@@ -242,9 +242,9 @@ def quantize_with_budget(
             it, so every process builds the same candidates.
 
     Returns:
-        The best model found and its :class:`BudgetReport`. When no mix meets the budget the
-        report says so (``met`` is False), names the layers that dominate the loss, and the
-        model is the mix with the smallest drop.
+        The best model found and its :class:`BudgetReport`. When no mix meets the budget,
+        ``met`` is False in the report, ``dominant`` names the layers that dominate the loss,
+        and the model is the mix with the smallest drop.
 
     Raises:
         ValueError: for a negative budget, a config with ``overrides``, an unknown monitor or

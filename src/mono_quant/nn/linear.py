@@ -81,8 +81,8 @@ _STATIC_QUANT_MAX = 255
 _DYNAMIC_QUANT_MAX = DYNAMIC_PER_TENSOR_SPEC.quant_max
 _PER_TOKEN_QUANT_MAX = DYNAMIC_SPEC.quant_max
 # Per-token codes go to fbgemm as the exact floats ``code - 128`` with scale 1 and zero_point
-# 128, so the kernel sees each token's own codes; the per-token scale and zero_point are
-# applied to its output (see ``_forward_per_token``).
+# 128, so the kernel multiplies each token's own codes. The per-token scale and zero_point
+# are applied to its output (see ``_forward_per_token``).
 _CENTER = 128
 
 

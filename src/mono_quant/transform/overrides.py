@@ -15,7 +15,7 @@ def apply_overrides(
 ) -> tuple[list[LayerDecision], dict[str, QuantConfig]]:
     """Return the decisions with overridden-to-float layers kept float, and each layer's config.
 
-    The mapping holds a config for every quantized layer that an override pattern matches;
+    The mapping contains a config for every quantized layer that an override pattern matches;
     the others use ``config`` itself.
 
     Raises:

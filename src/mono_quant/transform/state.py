@@ -18,8 +18,8 @@ STATE_ATTRIBUTE = "_mono_quant_state"
 class QuantizationState:
     """The config, the layer decisions of ``prepare`` and, after ``convert``, its report.
 
-    ``layer_configs`` holds the configs of layers that ``config.overrides`` changed; ``budget``
-    holds the report of a metric-budget search when one chose the per-layer formats.
+    ``layer_configs`` contains the configs of layers that ``config.overrides`` changed.
+    ``budget`` is the report of a metric-budget search when one chose the per-layer formats.
     """
 
     config: QuantConfig
