@@ -64,6 +64,35 @@ LOOP_MAX_BATCH = 1
 WORKSPACE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _run_steps(
+    input_gates: torch.Tensor,
+    state: State,
+    direction: int,
+    mask: torch.Tensor | None,
+    cell: Callable[[torch.Tensor, State], State],
+) -> tuple[torch.Tensor, State]:
+    """Apply ``cell`` to each time step (last to first for ``direction`` 1); return outputs, state.
+
+    ``input_gates`` holds one row of input projections per step. Steps where ``mask`` is False
+    keep the previous state.
+    """
+    length = input_gates.shape[0]
+    steps = range(length - 1, -1, -1) if direction else range(length)
+    outputs: list[torch.Tensor] = [input_gates.new_empty(0)] * length
+    for step in steps:
+        new_state = cell(input_gates[step], state)
+        if mask is not None:
+            # Positions past a sequence's end keep the state, so a reverse pass starts at each
+            # sequence's own last step and a forward pass ends there.
+            valid = mask[step].unsqueeze(-1)
+            new_state = tuple(
+                torch.where(valid, new, old) for new, old in zip(new_state, state, strict=True)
+            )
+        state = new_state
+        outputs[step] = state[0]
+    return torch.stack(outputs), state
+
+
 class _QuantRNNBase(QuantizedLayer):
     """Shared input handling and recurrence of the quantized LSTM and GRU.
 
@@ -409,22 +438,10 @@ class _QuantRNNBase(QuantizedLayer):
         hidden_bias: torch.Tensor | None,
         projection: Matmul | None,
     ) -> tuple[torch.Tensor, State]:
-        steps = (
-            range(input_gates.shape[0] - 1, -1, -1) if direction else range(input_gates.shape[0])
-        )
-        outputs: list[torch.Tensor] = [input_gates.new_empty(0)] * input_gates.shape[0]
-        for step in steps:
-            new_state = self._fast_cell(
-                input_gates[step], state, hidden_matmul, hidden_bias, projection
-            )
-            if mask is not None:
-                valid = mask[step].unsqueeze(-1)
-                new_state = tuple(
-                    torch.where(valid, new, old) for new, old in zip(new_state, state, strict=True)
-                )
-            state = new_state
-            outputs[step] = state[0]
-        return torch.stack(outputs), state
+        def cell(gates: torch.Tensor, state: State) -> State:
+            return self._fast_cell(gates, state, hidden_matmul, hidden_bias, projection)
+
+        return _run_steps(input_gates, state, direction, mask, cell)
 
     def _fast_cell(
         self,
@@ -527,20 +544,11 @@ class _QuantRNNBase(QuantizedLayer):
         # Per-token qparams depend only on each token's own row, so quantizing every step's
         # input at once equals quantizing step by step, and one matmul covers all steps.
         input_gates = F.linear(self.quantize_input(x), w_ih, b_ih)
-        steps = range(x.shape[0] - 1, -1, -1) if direction else range(x.shape[0])
-        outputs: list[torch.Tensor] = [x.new_empty(0)] * x.shape[0]
-        for step in steps:
-            new_state = self._cell(input_gates[step], state, w_hh, b_hh, w_hr)
-            if mask is not None:
-                # Positions past a sequence's end keep the state, so a reverse pass starts at
-                # each sequence's own last step and a forward pass ends there.
-                valid = mask[step].unsqueeze(-1)
-                new_state = tuple(
-                    torch.where(valid, new, old) for new, old in zip(new_state, state, strict=True)
-                )
-            state = new_state
-            outputs[step] = state[0]
-        return torch.stack(outputs), state
+
+        def cell(gates: torch.Tensor, state: State) -> State:
+            return self._cell(gates, state, w_hh, b_hh, w_hr)
+
+        return _run_steps(input_gates, state, direction, mask, cell)
 
     def _cell(
         self,
