@@ -249,10 +249,11 @@ def _document(
         "## Method",
         "",
         "- The variants of one table cell (one M or batch size) take turns: each round calls "
-        f"every variant once. {policy.warmup} untimed warm-up round(s) come first, then timed "
-        f"rounds until {policy.budget_s:g} s per variant have passed and at least "
-        f"{policy.min_repeats} rounds ran (*runs*). Tables report each variant's median in "
-        "milliseconds. Taking turns spreads load from other processes over all variants "
+        "every variant once, in a new random order (seeded), so that no variant always runs "
+        f"right after the same neighbour. {policy.warmup} untimed warm-up round(s) come "
+        f"first, then timed rounds until {policy.budget_s:g} s per variant have passed and "
+        f"at least {policy.min_repeats} rounds ran (*runs*). Tables report each variant's "
+        "median in milliseconds. Taking turns spreads load from other processes over all variants "
         "alike. Models run in eval mode under `torch.no_grad`.",
         "- Threads are set with `torch.set_num_threads` as each table's heading says.",
         "- *speed-up vs fp32*: the fp32 median over this variant's median, in the same row "

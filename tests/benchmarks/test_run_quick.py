@@ -193,15 +193,24 @@ def test_measure_runs_min_repeats() -> None:
     assert len(calls) == 7
 
 
-def test_round_robin_calls_each_in_turn() -> None:
+def test_round_robin_calls_each_once_per_round_in_varying_order() -> None:
     calls: list[str] = []
-    policy = TimingPolicy(budget_s=1e-9, warmup=1, min_repeats=3)
+    names = "abcd"
+    policy = TimingPolicy(budget_s=1e-9, warmup=1, min_repeats=12)
     timings = measure_round_robin(
-        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, policy
+        {name: (lambda name=name: calls.append(name)) for name in names}, policy
     )
-    assert calls == ["a", "b"] * 4
-    assert timings["a"].repeats == 3
-    assert timings["b"].repeats == 3
+    rounds = [calls[start : start + len(names)] for start in range(0, len(calls), len(names))]
+    assert len(rounds) == 13
+    assert all(sorted(one_round) == list(names) for one_round in rounds)
+    # Rotated orders: the timed rounds do not all share one order, and no name always follows
+    # the same neighbour.
+    assert len({"".join(one_round) for one_round in rounds[1:]}) > 1
+    before_a = {
+        one_round[one_round.index("a") - 1] for one_round in rounds[1:] if one_round[0] != "a"
+    }
+    assert len(before_a) > 1
+    assert all(timing.repeats == 12 for timing in timings.values())
 
 
 def test_policy_rejects_zero_budget() -> None:
