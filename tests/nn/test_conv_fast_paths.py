@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mono_quant.nn.conv as conv_module
 from mono_quant.core import conv_kernels
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.conv import QuantConv1d, QuantConv2d, QuantConv3d
@@ -54,6 +55,12 @@ def _layer(
 
 def _input(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def no_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send the small test weights to the workspace path instead of the dense one."""
+    monkeypatch.setattr(conv_module, "DENSE_MAX_WEIGHT", 0)
 
 
 # ---- workspace path: bit-identical to the reference ----------------------------------------
@@ -127,7 +134,7 @@ WORKSPACE_SPECS = [
 @pytest.mark.parametrize("spec", WORKSPACE_SPECS)
 @pytest.mark.parametrize(("conv_type", "kwargs", "shape"), WORKSPACE_CASES)
 def test_workspace_path_equals_reference(
-    conv_type: type[nn.Module], kwargs: dict, shape: tuple[int, ...], spec, activations
+    conv_type: type[nn.Module], kwargs: dict, shape: tuple[int, ...], spec, activations, no_dense
 ) -> None:
     layer = _layer(conv_type, kwargs, spec, activations)
     x = _input(shape)
@@ -139,6 +146,61 @@ def test_workspace_path_equals_reference(
 
     assert kernel == "workspace"
     assert torch.equal(output, expected)
+
+
+# Transposed convolutions have no dense path.
+DENSE_CASES = [case for case in WORKSPACE_CASES if "transpose" not in case.id]
+DENSE_SPECS = [
+    *WORKSPACE_SPECS,
+    pytest.param(QuantSpec(bits=4, granularity="per_group", group_size=4), id="int4_g4"),
+    pytest.param(QuantSpec(bits=3, symmetric=False), id="uint3_per_tensor"),
+]
+
+
+@pytest.mark.parametrize("activations", [None, "static", "dynamic"])
+@pytest.mark.parametrize("spec", DENSE_SPECS)
+@pytest.mark.parametrize(("conv_type", "kwargs", "shape"), DENSE_CASES)
+def test_dense_path_equals_reference(
+    conv_type: type[nn.Module], kwargs: dict, shape: tuple[int, ...], spec, activations
+) -> None:
+    layer = _layer(conv_type, kwargs, spec, activations)
+    x = _input(shape)
+
+    with torch.no_grad():
+        kernel = layer.kernel_for(x)
+        output = layer(x)
+        expected = layer.forward_reference(x)
+
+    assert kernel == "dense"
+    assert torch.equal(output, expected)
+
+
+def test_dense_copy_follows_new_weights() -> None:
+    kwargs = {"in_channels": 4, "out_channels": 4, "kernel_size": 3}
+    layer = _layer(nn.Conv2d, kwargs, activations="static", seed=0)
+    other = _layer(nn.Conv2d, kwargs, activations="static", seed=1)
+    x = _input((1, 4, 6, 6))
+
+    with torch.no_grad():
+        before = layer(x)
+        layer.load_state_dict(other.state_dict())
+        after = layer(x)
+
+    assert layer.kernel_for(x) == "dense"
+    assert not torch.equal(before, after)
+    assert torch.equal(after, other.forward_reference(x))
+
+
+def test_dense_limit_sends_large_weights_to_workspace() -> None:
+    limit = conv_module.DENSE_MAX_WEIGHT
+    # 64 * 64 * 4 * 4 = 65536 weights sit at the limit; one more output channel passes it.
+    at_limit = _layer(nn.Conv2d, {"in_channels": 64, "out_channels": 64, "kernel_size": 4})
+    over = _layer(nn.Conv2d, {"in_channels": 64, "out_channels": 65, "kernel_size": 4})
+    x = _input((1, 64, 4, 4))
+
+    assert at_limit.weight_codes.numel() == limit
+    assert at_limit.kernel_for(x) == "dense"
+    assert over.kernel_for(x) == "workspace"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
@@ -166,7 +228,7 @@ def test_workspace_path_unbatched_input() -> None:
         assert torch.equal(layer(x), layer.forward_reference(x))
 
 
-def test_workspace_shared_by_layers() -> None:
+def test_workspace_shared_by_layers(no_dense) -> None:
     first = _layer(nn.Conv2d, {"in_channels": 2, "out_channels": 4, "kernel_size": 3}, seed=0)
     second = _layer(nn.Conv2d, {"in_channels": 2, "out_channels": 4, "kernel_size": 3}, seed=1)
     x = _input((1, 2, 5, 5))
@@ -204,7 +266,7 @@ def test_reference_switch_forces_reference(monkeypatch: pytest.MonkeyPatch) -> N
         pytest.param(INT8_PER_CHANNEL, torch.float64, id="float64"),
     ],
 )
-def test_unsupported_inputs_take_reference(spec: QuantSpec, dtype: torch.dtype) -> None:
+def test_unsupported_inputs_take_reference(spec: QuantSpec, dtype: torch.dtype, no_dense) -> None:
     layer = _layer(nn.Conv2d, {"in_channels": 4, "out_channels": 4, "kernel_size": 3}, spec)
     x = _input((1, 4, 6, 6)).to(dtype)
 
@@ -424,8 +486,8 @@ def test_int8_path_not_for_weight_only_or_affine() -> None:
     weight_only = _layer(nn.Conv2d, kwargs)
     affine = _layer(nn.Conv2d, kwargs, QuantSpec(bits=8, symmetric=False), activations="static")
 
-    assert weight_only.kernel_for(x) == "workspace"
-    assert affine.kernel_for(x) == "workspace"
+    assert weight_only.kernel_for(x) == "dense"
+    assert affine.kernel_for(x) == "dense"
 
 
 @needs_int8
@@ -433,7 +495,7 @@ def test_small_call_skips_int8() -> None:
     kwargs = {"in_channels": 16, "out_channels": 32, "kernel_size": 3, "padding": 1}
     layer = _layer(nn.Conv2d, kwargs, activations="static")
 
-    assert layer.kernel_for(_input((1, 16, 8, 8))) == "workspace"
+    assert layer.kernel_for(_input((1, 16, 8, 8))) == "dense"
     assert layer.kernel_for(_input((16, 16, 8, 8))) == "int8"
 
 

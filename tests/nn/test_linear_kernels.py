@@ -69,6 +69,15 @@ INT3_G64 = QuantSpec(bits=3, granularity="per_group", group_size=64)
 UINT2_G32 = QuantSpec(bits=2, symmetric=False, granularity="per_group", group_size=32)
 
 
+@pytest.fixture(autouse=True)
+def _no_dense_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the small layers of this file off the dense path, so each test reaches its path.
+
+    tests/nn/test_dense_kernels.py covers the dense path.
+    """
+    monkeypatch.setattr(linear_module, "dense_applies", lambda weight_numel, macs: False)
+
+
 def random_input(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=generator).to(dtype)

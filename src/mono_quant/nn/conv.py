@@ -1,10 +1,13 @@
 """Quantized ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
 
-``forward`` picks one of three paths per call (:meth:`_QuantConvNd.kernel_for` names it):
+``forward`` picks one of four paths per call (:meth:`_QuantConvNd.kernel_for` names it):
 
 * ``"int8"``: static or dynamic inputs on a VNNI CPU, for calls large enough to pay for the
   kernel's set-up: the input is rounded to uint8 codes and a oneDNN int8 convolution with a
   prepacked weight returns float32 (see :mod:`mono_quant.core.conv_kernels`);
+* ``"dense"``: float32 inputs to a layer with a small weight (see
+  :mod:`mono_quant.core.kernels.dense`): a float convolution with a kept float32 copy of the
+  dequantized weight runs on the rounded input. It equals ``forward_reference`` bit for bit;
 * ``"workspace"``: the weight is dequantized into a reused buffer and a float convolution runs
   on the rounded input. It equals ``forward_reference`` bit for bit;
 * ``"reference"``: ``forward_reference``, for everything else (codes below 8 bits, float64,
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -33,6 +37,7 @@ from mono_quant.core.fastpath import (
     static_input_grid,
     workspace,
 )
+from mono_quant.core.kernels.dense import DENSE_MAX_WEIGHT
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import STATIC_SPEC, ActivationMode
 from mono_quant.nn.quantized import QuantizedLayer, container_bits
@@ -128,8 +133,6 @@ class _QuantConvNd(QuantizedLayer):
         if not fast_paths_enabled(x) or x.dtype not in WORKSPACE_DTYPES:
             return "reference", None
         plan = self._plan()
-        if not plan.workspace:
-            return "reference", None
         if (
             plan.int8
             and x.dtype == torch.float32
@@ -139,10 +142,15 @@ class _QuantConvNd(QuantizedLayer):
             )
         ):
             return "int8", plan
+        if plan.dense and x.dtype == torch.float32:
+            return "dense", plan
+        if not plan.workspace:
+            return "reference", None
         return "workspace", plan
 
     def kernel_for(self, x: torch.Tensor) -> str:
-        """Return the path ``forward`` takes for ``x``: ``int8``, ``workspace`` or ``reference``."""
+        """Return the path ``forward`` takes for ``x``: ``int8``, ``dense``, ``workspace`` or
+        ``reference``."""
         return self._choose(x)[0]
 
     def _round_input(self, plan: _FastPlan, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +167,11 @@ class _QuantConvNd(QuantizedLayer):
         codes = plan.sources[0]
         weight = workspace(codes.shape, x.dtype, codes.device)
         return self._convolve(x, dequantize_into(weight, codes, *plan.factors))
+
+    def _forward_dense(self, plan: _FastPlan, x: torch.Tensor) -> torch.Tensor:
+        if self.activations is not None:
+            x = self._round_input(plan, x)
+        return self._convolve(x, plan.dense_weight(self))
 
     def _forward_int8(self, plan: _FastPlan, x: torch.Tensor) -> torch.Tensor:
         if plan.static_qparams is not None:
@@ -189,6 +202,8 @@ class _QuantConvNd(QuantizedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel, plan = self._choose(x)
+        if kernel == "dense":
+            return self._forward_dense(plan, x)  # type: ignore[arg-type]
         if kernel == "workspace":
             return self._forward_workspace(plan, x)  # type: ignore[arg-type]
         if kernel == "int8":
@@ -212,6 +227,8 @@ class _FastPlan(BufferPlan):
         self.workspace = dequantize_into_supported(spec, shape)
         self.factors = dequantize_factors(scale, zero_point, spec, shape) if self.workspace else ()
         self.dims = len(layer.weight_shape)
+        self.dense = math.prod(layer.weight_shape) <= DENSE_MAX_WEIGHT
+        self._dense_weight: torch.Tensor | None = None
         self.int8 = (
             self.workspace
             and layer.activations is not None
@@ -234,6 +251,12 @@ class _FastPlan(BufferPlan):
             self.static_qparams = (float(input_scale), int(input_zero_point))
             self.static_grid = static_input_grid(input_scale, input_zero_point, INPUT_SPEC)
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def dense_weight(self, layer: _QuantConvNd) -> torch.Tensor:
+        """Return the float32 dequantized weight, computed on first use and then kept."""
+        if self._dense_weight is None:
+            self._dense_weight = layer.dequantized_weight(torch.float32).contiguous()
+        return self._dense_weight
 
     def packed_weight(self, layer: _QuantConvNd) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the oneDNN weight and its per-channel scales, packed on first use."""

@@ -10,6 +10,9 @@ Paths, named by :meth:`QuantLinear.kernel_for`:
   (``INT8PACK_MAX_ROWS`` of bfloat16/float16), run in bfloat16.
 * ``"int4pack"``: weights of 4 bits or fewer, up to
   :data:`~mono_quant.core.kernels.int4pack.INT4PACK_MAX_ROWS` rows, run in bfloat16.
+* ``"dense"``: float32 inputs to a small layer on a small call (see
+  :mod:`mono_quant.core.kernels.dense`): ``F.linear`` on a kept float32 copy of the
+  dequantized weight and the rounded input. It equals the reference bit for bit.
 * ``"workspace"``: any CPU layout, dequantized into a reused buffer. It matches the reference
   up to float32 rounding, because symmetric per_tensor/per_channel scales are applied to the
   output, and bit for bit for bfloat16/float16 inputs.
@@ -29,7 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mono_quant.core.fastpath import (
+    checked_per_row_qparams,
+    quantize_codes,
+    round_rows_to_grid,
+    round_to_grid,
+    static_input_grid,
+)
 from mono_quant.core.kernels.cache import KernelCache
+from mono_quant.core.kernels.dense import dense_applies
 from mono_quant.core.kernels.fbgemm import (
     fbgemm_engine,
     fbgemm_exact,
@@ -62,6 +73,7 @@ from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import (
     DYNAMIC_PER_TENSOR_SPEC,
     DYNAMIC_SPEC,
+    STATIC_SPEC,
     ActivationGranularity,
     ActivationMode,
     per_tensor_qparams,
@@ -73,7 +85,8 @@ FBGEMM = "fbgemm"
 INT8PACK = "int8pack"
 INT4PACK = "int4pack"
 WORKSPACE = "workspace"
-KERNELS = (REFERENCE, FBGEMM, INT8PACK, INT4PACK, WORKSPACE)
+DENSE = "dense"
+KERNELS = (REFERENCE, FBGEMM, INT8PACK, INT4PACK, WORKSPACE, DENSE)
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest input code of each activation mode on the fbgemm path (see nn.activation).
@@ -160,7 +173,13 @@ class QuantLinear(QuantizedLayer):
         return (buffers["weight_codes"], buffers["weight_scale"], buffers["weight_zero_point"])
 
     def _fbgemm_weight(self, engine: str) -> Any | None:
-        sources = (*self._weight_sources(), self._buffers["bias"])
+        buffers = self._buffers
+        sources = (
+            *self._weight_sources(),
+            buffers["bias"],
+            buffers.get("input_scale"),
+            buffers.get("input_zero_point"),
+        )
         return self._kernels.get(f"fbgemm:{engine}", sources, self._pack_fbgemm)
 
     def _pack_fbgemm(self) -> Any | None:
@@ -171,7 +190,14 @@ class QuantLinear(QuantizedLayer):
         codes = self.weight_int()
         # The per-token path scales the kernel's output per token, so the bias is added after.
         bias = None if self._per_token() else self.bias
-        return pack_int8_weight(codes, self.weight_scale, self.weight_zero_point, bias)
+        packed = pack_int8_weight(codes, self.weight_scale, self.weight_zero_point, bias)
+        if packed is None:
+            return None
+        # Static qparams as Python numbers, read once: float(tensor) costs about 1 us per call.
+        static = None
+        if self.activations == "static":
+            static = (float(self.input_scale), int(self.input_zero_point))
+        return packed, static
 
     def _per_token(self) -> bool:
         return self.activations == "dynamic" and self.activation_granularity == "per_token"
@@ -183,6 +209,19 @@ class QuantLinear(QuantizedLayer):
             return self.dequantized_weight(torch.float32).sum(dim=1)
 
         return self._kernels.get("row_sums", self._weight_sources(), build)
+
+    def _dense_weight(self) -> torch.Tensor:
+        def build() -> torch.Tensor:
+            return self.dequantized_weight(torch.float32).contiguous()
+
+        return self._kernels.get("dense", self._weight_sources(), build)
+
+    def _static_grid(self) -> tuple[torch.Tensor, ...]:
+        def build() -> tuple[torch.Tensor, ...]:
+            return static_input_grid(self.input_scale, self.input_zero_point, STATIC_SPEC)
+
+        sources = (self._buffers["input_scale"], self._buffers["input_zero_point"])
+        return self._kernels.get("static_grid", sources, build)
 
     def _int8pack_scale(self, dtype: torch.dtype) -> torch.Tensor:
         def build() -> torch.Tensor:
@@ -272,10 +311,13 @@ class QuantLinear(QuantizedLayer):
         """Return the path for ``x`` and what it needs (a packed weight), packing on first use."""
         if not self._fast_path_allowed(x) or not self._scales_by_row():
             return REFERENCE, None
+        rows = x.numel() // self.in_features
+        weight_numel = self.in_features * self.out_features
+        if x.dtype == torch.float32 and dense_applies(weight_numel, rows * weight_numel):
+            return DENSE, self._dense_weight()
         packed = self._fbgemm_plan()
         if packed is not None:
             return FBGEMM, packed
-        rows = x.numel() // self.in_features
         if self._uses_int8pack(rows, x.dtype):
             return INT8PACK, None
         # The int4 kernel runs in bfloat16; float16 inputs keep their precision on the workspace.
@@ -306,7 +348,10 @@ class QuantLinear(QuantizedLayer):
             return self._forward_fbgemm(x, packed)
         if kernel == REFERENCE:
             return self.forward_reference(x)
-        x = self.quantize_input(x)
+        x = self._round_input(x)
+        if kernel == DENSE:
+            bias = self._buffers["bias"]
+            return F.linear(x, packed, bias)
         if kernel == INT8PACK:
             return self._forward_int8pack(x)
         if kernel == INT4PACK:
@@ -320,16 +365,40 @@ class QuantLinear(QuantizedLayer):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
+    def _round_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Return :meth:`quantize_input` of ``x``, with fewer tensor operations where exact.
+
+        float32 inputs take :func:`round_to_grid` (static and dynamic per_tensor) or
+        :func:`round_rows_to_grid` (dynamic per_token), which equal the reference bit for bit;
+        other inputs, and rows that hold NaN or infinity, take :meth:`quantize_input` itself.
+        """
+        if self.activations is None or x.dtype != torch.float32:
+            return self.quantize_input(x)
+        x = x.detach()
+        if self.activations == "static":
+            scale, _, low, high = self._static_grid()
+            return round_to_grid(x, scale, low, high)
+        if self.activation_granularity == "per_tensor":
+            spec = DYNAMIC_PER_TENSOR_SPEC
+            scale, zero_point = per_tensor_qparams(x, spec)
+            low, high = spec.quant_min - zero_point, spec.quant_max - zero_point
+            return round_to_grid(x, scale, float(low), float(high))
+        rows = x.reshape(-1, self.in_features)
+        qparams = checked_per_row_qparams(rows, DYNAMIC_SPEC)
+        if qparams is None:
+            return self.quantize_input(x)
+        return round_rows_to_grid(rows, *qparams, DYNAMIC_SPEC).view(x.shape)
+
     def _add_bias(self, output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         output = output.to(dtype)
         return output if self.bias is None else output + self.bias.to(dtype)
 
-    def _forward_fbgemm(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+    def _forward_fbgemm(self, x: torch.Tensor, plan: tuple[Any, Any]) -> torch.Tensor:
+        packed, static = plan
         if self._per_token():
             return self._forward_per_token(x, packed)
-        if self.activations == "static":
-            input_scale = float(self.input_scale)
-            input_zero_point = int(self.input_zero_point)
+        if static is not None:
+            input_scale, input_zero_point = static
         else:
             # The reference's qparams, so the two paths differ only where x / scale is a tie.
             input_scale, input_zero_point = per_tensor_qparams(x, DYNAMIC_PER_TENSOR_SPEC)
@@ -346,15 +415,23 @@ class QuantLinear(QuantizedLayer):
         centred codes; adding ``(128 - z) * W.sum(1)`` and multiplying by ``s`` gives the same
         value up to float rounding.
         """
-        x_float = x.detach().float()
-        scale, zero_point = choose_qparams(*min_max(x_float, DYNAMIC_SPEC), DYNAMIC_SPEC)
-        codes = quantize(x_float, scale, zero_point, DYNAMIC_SPEC)
-        centred = codes.to(torch.float32).sub_(_CENTER)
+        x_float = x.detach().float().reshape(-1, self.in_features)
+        qparams = checked_per_row_qparams(x_float, DYNAMIC_SPEC)
+        if qparams is not None:
+            scale, zero_point = qparams
+            centred = quantize_codes(x_float, scale, zero_point, DYNAMIC_SPEC).sub_(_CENTER)
+        else:
+            # NaN, infinity or huge values: the reference functions raise or cap as usual.
+            scale, zero_point = choose_qparams(*min_max(x_float, DYNAMIC_SPEC), DYNAMIC_SPEC)
+            codes = quantize(x_float, scale, zero_point, DYNAMIC_SPEC)
+            centred = codes.to(torch.float32).sub_(_CENTER)
+            scale = scale.to(torch.float32).unsqueeze(-1)
+            zero_point = zero_point.to(torch.float32).unsqueeze(-1)
         output = fbgemm_linear(centred, 1.0, _CENTER, packed)
 
-        offset = (_CENTER - zero_point).to(torch.float32).unsqueeze(-1)
-        output.addcmul_(offset, self._weight_row_sums())
-        output.mul_(scale.to(torch.float32).unsqueeze(-1))
+        output.addcmul_(_CENTER - zero_point, self._weight_row_sums())
+        output.mul_(scale)
+        output = output.view(*x.shape[:-1], self.out_features)
         return self._add_bias(output, x.dtype)
 
     def _forward_int8pack(self, x: torch.Tensor) -> torch.Tensor:
