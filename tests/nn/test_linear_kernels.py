@@ -70,12 +70,15 @@ UINT2_G32 = QuantSpec(bits=2, symmetric=False, granularity="per_group", group_si
 
 
 @pytest.fixture(autouse=True)
-def _no_dense_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the small layers of this file off the dense path, so each test reaches its path.
+def _float32_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the small layers of this file off the dense path, and weight-only layers with many
+    rows on the float32 workspace, so each test reaches the path it names on every CPU.
 
-    tests/nn/test_dense_kernels.py covers the dense path.
+    tests/nn/test_dense_kernels.py covers the dense path; the tests of the bfloat16 workspace
+    below turn it back on.
     """
     monkeypatch.setattr(linear_module, "dense_applies", lambda weight_numel, macs: False)
+    monkeypatch.setattr(linear_module, "has_native_bfloat16", lambda: False)
 
 
 def random_input(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32):
@@ -541,6 +544,52 @@ def test_workspace_matches_reference(
     assert kernel == WORKSPACE
     message = within(output, expected, float32_tolerance(x, layer))
     assert message is None, message
+
+
+@pytest.mark.parametrize("spec", WORKSPACE_SPECS)
+def test_bf16_workspace_matches_reference(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    # bfloat16 matmuls run on every CPU, only slowly without native support, so the path is
+    # tested everywhere.
+    monkeypatch.setattr(linear_module, "has_native_bfloat16", lambda: True)
+    layer = make_layer(spec, in_features=IN_FEATURES, seed=44)
+    x = random_input((MANY_ROWS, 2, IN_FEATURES), seed=45)
+
+    kernel = layer.kernel_for(x)
+    output = layer(x)
+    expected = layer.forward_reference(x)
+
+    assert kernel == linear_module.BF16_WORKSPACE
+    assert output.dtype == torch.float32
+    assert output.shape == expected.shape
+    message = within(output, expected, bfloat16_tolerance(x, layer))
+    assert message is None, message
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_bf16_workspace_only_for_weight_only_layers(
+    activations: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rounded activations keep their exact float32 values on the float32 workspace.
+    monkeypatch.setattr(linear_module, "has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(linear_module, "fbgemm_engine", lambda: None)
+    layer = make_layer(INT4_G32, activations=activations, seed=46)
+    x = random_input((MANY_ROWS, IN_FEATURES), seed=47)
+
+    assert layer.kernel_for(x) == WORKSPACE
+
+
+@pytest.mark.parametrize("spec", [INT8_PER_CHANNEL, UINT4_G32, INT3_G64], ids=str)
+def test_bf16_workspace_weight_equals_dequantized_weight(
+    spec: QuantSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiles of 8 rows, so the weight is converted in several steps.
+    monkeypatch.setattr(workspace_module, "TILE_BYTES", 8 * 4 * IN_FEATURES)
+    layer = make_layer(spec, seed=48)
+
+    weight = layer.dequantized_weight_workspace(torch.bfloat16)
+
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, layer.dequantized_weight(torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
