@@ -578,6 +578,37 @@ def test_bf16_workspace_only_for_weight_only_layers(
     assert layer.kernel_for(x) == WORKSPACE
 
 
+@pytest.mark.parametrize(
+    ("spec", "kernel", "limit"),
+    [
+        pytest.param(
+            INT8_PER_CHANNEL,
+            INT8PACK,
+            linear_module.INT8PACK_MAX_ROWS_NATIVE_BF16,
+            marks=needs_int8pack,
+            id="int8pack",
+        ),
+        pytest.param(
+            INT4_G32,
+            INT4PACK,
+            linear_module.INT4PACK_MAX_ROWS_NATIVE_BF16,
+            marks=needs_int4pack,
+            id="int4pack",
+        ),
+    ],
+)
+def test_bf16_workspace_takes_over_above_kernel_limit(
+    spec: QuantSpec, kernel: str, limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(linear_module, "has_native_bfloat16", lambda: True)
+    layer = make_layer(spec, seed=49)
+
+    assert layer.kernel_for(random_input((limit, IN_FEATURES), seed=50)) == kernel
+    assert layer.kernel_for(random_input((limit + 1, IN_FEATURES), seed=51)) == (
+        linear_module.BF16_WORKSPACE
+    )
+
+
 @pytest.mark.parametrize("spec", [INT8_PER_CHANNEL, UINT4_G32, INT3_G64], ids=str)
 def test_bf16_workspace_weight_equals_dequantized_weight(
     spec: QuantSpec, monkeypatch: pytest.MonkeyPatch

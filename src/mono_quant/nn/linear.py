@@ -55,6 +55,7 @@ from mono_quant.core.kernels.fbgemm import (
 )
 from mono_quant.core.kernels.int4pack import (
     INT4PACK_MAX_ROWS,
+    INT4PACK_MAX_ROWS_NATIVE_BF16,
     Int4PackedWeight,
     int4pack_group_size,
     int4pack_linear,
@@ -63,6 +64,7 @@ from mono_quant.core.kernels.int4pack import (
 from mono_quant.core.kernels.int8pack import (
     INT8PACK_MAX_ROWS,
     INT8PACK_MAX_ROWS_FLOAT32,
+    INT8PACK_MAX_ROWS_NATIVE_BF16,
     has_int8pack_mm,
     int8pack_mm,
 )
@@ -301,9 +303,14 @@ class QuantLinear(QuantizedLayer):
             return None
         return self._fbgemm_weight(engine)
 
-    def _uses_int8pack(self, rows: int, dtype: torch.dtype) -> bool:
+    def _uses_int8pack(self, rows: int, dtype: torch.dtype, bf16_workspace: bool) -> bool:
         spec = self.weight_spec
-        max_rows = INT8PACK_MAX_ROWS_FLOAT32 if dtype == torch.float32 else INT8PACK_MAX_ROWS
+        if dtype != torch.float32:
+            max_rows = INT8PACK_MAX_ROWS
+        elif bf16_workspace:
+            max_rows = INT8PACK_MAX_ROWS_NATIVE_BF16
+        else:
+            max_rows = INT8PACK_MAX_ROWS_FLOAT32
         return (
             rows <= max_rows
             and container_bits(spec.bits) == 8
@@ -325,14 +332,20 @@ class QuantLinear(QuantizedLayer):
         packed = self._fbgemm_plan()
         if packed is not None:
             return FBGEMM, packed
-        if self._uses_int8pack(rows, x.dtype):
+        # Weight-only float32 inputs on a native-bfloat16 CPU have the bfloat16 workspace for
+        # many rows, which overtakes the bfloat16 kernels at fewer rows than float32 does.
+        bf16_workspace = (
+            self.activations is None and x.dtype == torch.float32 and has_native_bfloat16()
+        )
+        if self._uses_int8pack(rows, x.dtype, bf16_workspace):
             return INT8PACK, None
         # The int4 kernel runs in bfloat16; float16 inputs keep their precision on the workspace.
-        if rows <= INT4PACK_MAX_ROWS and x.dtype != torch.float16:
+        int4_rows = INT4PACK_MAX_ROWS_NATIVE_BF16 if bf16_workspace else INT4PACK_MAX_ROWS
+        if rows <= int4_rows and x.dtype != torch.float16:
             packed = self._int4pack_weight()
             if packed is not None:
                 return INT4PACK, packed
-        if self.activations is None and x.dtype == torch.float32 and has_native_bfloat16():
+        if bf16_workspace:
             return BF16_WORKSPACE, None
         return WORKSPACE, None
 
