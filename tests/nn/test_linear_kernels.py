@@ -400,6 +400,23 @@ def test_fbgemm_per_token_matches_reference(
     check_fbgemm(layer, x)
 
 
+@needs_fbgemm_static
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_fbgemm_per_token_non_finite_input_fails_like_reference(rows: int, value: float) -> None:
+    layer = make_layer(INT8_PER_CHANNEL, "dynamic", seed=91, granularity="per_token")
+    x = random_input((rows, IN_FEATURES), seed=92)
+    x[0, 3] = value
+
+    with pytest.raises(ValueError) as fast_error:
+        layer(x)
+    with pytest.raises(ValueError) as reference_error:
+        layer.forward_reference(x)
+
+    assert layer.kernel_for(x) == FBGEMM
+    assert str(fast_error.value) == str(reference_error.value)
+
+
 @needs_fbgemm_dynamic
 @pytest.mark.parametrize(
     "values",

@@ -439,8 +439,16 @@ class QuantLinear(QuantizedLayer):
         computes ``s * (c - z) @ W.T``. The kernel computes ``(c - 128) @ W.T`` from the
         centred codes; adding ``(128 - z) * W.sum(1)`` and multiplying by ``s`` gives the same
         value up to float rounding.
+
+        A single token's pair is a per_tensor pair, which the kernel takes directly, like a
+        static layer's: that skips the centring and the per-token corrections.
         """
         x_float = x.detach().float().reshape(-1, self.in_features)
+        if x_float.shape[0] == 1:
+            scale, zero_point = per_tensor_qparams(x_float, DYNAMIC_SPEC)
+            output = fbgemm_linear(x_float, scale, zero_point, packed)
+            output = output.view(*x.shape[:-1], self.out_features)
+            return self._add_bias(output, x.dtype)
         qparams = checked_per_row_qparams(x_float, DYNAMIC_SPEC)
         if qparams is not None:
             scale, zero_point = qparams
