@@ -10,8 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+import mono_quant as mq
+import mono_quant.nn.linear as linear_module
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.attention import (
+    PROJECTIONS,
+    REFERENCE,
     CastMultiheadAttention,
     QuantMultiheadAttention,
     disable_fused_transformer_paths,
@@ -202,3 +206,154 @@ def test_disable_fused_paths_keeps_output() -> None:
 
     assert changed == ["", "layers.0", "layers.1"]
     torch.testing.assert_close(output[~mask], expected[~mask], rtol=0, atol=1e-5)
+
+
+# ---- projections path: QuantLinear kernels around scaled_dot_product_attention ---------------
+
+
+def self_attention_input(batch_first: bool, embed: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (BATCH, TARGET, embed) if batch_first else (TARGET, BATCH, embed)
+    return torch.randn(shape, generator=generator)
+
+
+@pytest.fixture
+def exact_linear_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send the projections to the float32 workspace, whose weights equal the reference's."""
+    monkeypatch.setattr(linear_module, "dense_applies", lambda weight_numel, macs: False)
+    monkeypatch.setattr(linear_module, "fbgemm_engine", lambda: None)
+    monkeypatch.setattr(linear_module, "has_int8pack_mm", lambda: False)
+    monkeypatch.setattr(linear_module, "INT4PACK_MAX_ROWS", 0)
+    monkeypatch.setattr(linear_module, "has_native_bfloat16", lambda: False)
+
+
+@pytest.mark.parametrize("activations", [None, "dynamic"])
+@pytest.mark.parametrize("spec", [INT8, INT4_G8], ids=["int8", "int4_g8"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+def test_projections_path_matches_reference(
+    batch_first: bool, spec: QuantSpec, activations: str | None, exact_linear_paths
+) -> None:
+    mha = float_mha({"batch_first": batch_first}, seed=20)
+    layer = QuantMultiheadAttention.from_float(mha, spec, activations=activations)
+    x = self_attention_input(batch_first, EMBED, seed=21)
+
+    with torch.no_grad():
+        path = layer.kernel_for(x, x, x, need_weights=False)
+        output, weights = layer(x, x, x, need_weights=False)
+        expected, _ = layer.forward_reference(x, x, x, need_weights=False)
+
+    assert path == PROJECTIONS
+    assert weights is None
+    # Same weights and the same rounded inputs: only the order of float operations differs.
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_projections_path_with_int8_kernel_matches_reference() -> None:
+    # 768x256 and 256x256 weights are past the dense limit, so dynamic inputs run fbgemm,
+    # which rounds x * (1 / scale): a value within float rounding of a tie lands one code away.
+    embed = 256
+    with torch.random.fork_rng():
+        torch.manual_seed(22)
+        mha = nn.MultiheadAttention(embed, 8, batch_first=True).eval()
+    layer = QuantMultiheadAttention.from_float(mha, INT8, activations="dynamic")
+    x = self_attention_input(True, embed, seed=23)
+
+    with torch.no_grad():
+        output, _ = layer(x, x, x, need_weights=False)
+        expected, _ = layer.forward_reference(x, x, x, need_weights=False)
+        # One code step of the output projection's input, times its largest weight.
+        attention_scale = expected.abs().amax() / 127
+        out_weight = layer.dequantized_weight(name="out_proj_weight").abs().amax()
+
+    assert layer.kernel_for(x, x, x, need_weights=False) == PROJECTIONS
+    torch.testing.assert_close(
+        output, expected, rtol=1e-4, atol=float(2 * attention_scale * out_weight)
+    )
+    assert sqnr_db(expected, output) >= 60.0
+
+
+@pytest.mark.parametrize(
+    ("call", "kwargs"),
+    [
+        pytest.param({"need_weights": True}, {}, id="need_weights"),
+        pytest.param({"attn_mask": "causal"}, {}, id="attn_mask"),
+        pytest.param({"key_padding_mask": "padding"}, {}, id="key_padding_mask"),
+        pytest.param({}, {"add_bias_kv": True}, id="bias_kv"),
+        pytest.param({}, {"add_zero_attn": True}, id="zero_attn"),
+        pytest.param({}, {"kdim": 6, "vdim": 10}, id="separate_qkv"),
+        pytest.param({"cross": True}, {}, id="cross_attention"),
+        pytest.param({"dtype": torch.float64}, {}, id="float64"),
+    ],
+)
+def test_projections_path_only_for_plain_self_attention(call: dict, kwargs: dict) -> None:
+    mha = float_mha({"batch_first": True, **kwargs}, seed=24)
+    layer = QuantMultiheadAttention.from_float(mha, INT8)
+    x = self_attention_input(True, EMBED, seed=25).to(call.get("dtype", torch.float32))
+    key = value = x
+    if call.get("cross") or "kdim" in kwargs:
+        key = torch.randn(BATCH, SOURCE, kwargs.get("kdim", EMBED), dtype=x.dtype)
+        value = torch.randn(BATCH, SOURCE, kwargs.get("vdim", EMBED), dtype=x.dtype)
+    masks = {
+        "attn_mask": nn.Transformer.generate_square_subsequent_mask(TARGET)
+        if call.get("attn_mask")
+        else None,
+        "key_padding_mask": torch.zeros(BATCH, TARGET, dtype=torch.bool)
+        if call.get("key_padding_mask")
+        else None,
+    }
+
+    path = layer.kernel_for(x, key, value, need_weights=call.get("need_weights", False), **masks)
+
+    assert path == REFERENCE
+
+
+def test_projections_path_not_in_training_with_dropout_or_with_grad() -> None:
+    mha = nn.MultiheadAttention(EMBED, HEADS, dropout=0.1, batch_first=True)
+    layer = QuantMultiheadAttention.from_float(mha, INT8)
+    x = self_attention_input(True, EMBED, seed=26)
+
+    assert layer.training
+    assert layer.kernel_for(x, x, x, need_weights=False) == REFERENCE
+    layer.eval()
+    assert layer.kernel_for(x, x, x, need_weights=False) == PROJECTIONS
+    assert layer.kernel_for(x.requires_grad_(), x, x, need_weights=False) == REFERENCE
+
+
+def test_projections_path_follows_loaded_weights() -> None:
+    layer = QuantMultiheadAttention.from_float(float_mha({"batch_first": True}, seed=27), INT8)
+    other = QuantMultiheadAttention.from_float(float_mha({"batch_first": True}, seed=28), INT8)
+    x = self_attention_input(True, EMBED, seed=29)
+
+    with torch.no_grad():
+        before, _ = layer(x, x, x, need_weights=False)
+        layer.load_state_dict(other.state_dict())
+        after, _ = layer(x, x, x, need_weights=False)
+        expected, _ = other(x, x, x, need_weights=False)
+
+    assert not torch.equal(before, after)
+    assert torch.equal(after, expected)
+
+
+def test_projections_path_in_quantized_transformer_encoder() -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(30)
+        block = nn.TransformerEncoderLayer(EMBED, HEADS, 32, batch_first=True)
+        encoder = nn.TransformerEncoder(block, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(BATCH, TARGET, EMBED, generator=torch.Generator().manual_seed(31))
+    quantized = mq.quantize(encoder, "w8a8-dynamic")
+    paths: list[str] = []
+
+    def record(module, args, kwargs):
+        paths.append(module.kernel_for(*args, **kwargs))
+
+    for module in quantized.modules():
+        if isinstance(module, QuantMultiheadAttention):
+            module.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        output = quantized(x)
+        with mq.reference_kernels():
+            expected = quantized(x)
+
+    assert paths[:2] == [PROJECTIONS, PROJECTIONS]
+    assert paths[2:] == [REFERENCE, REFERENCE]
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)

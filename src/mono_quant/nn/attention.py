@@ -19,10 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mono_quant.core.kernels.mode import fast_kernels_enabled
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import ActivationMode
 from mono_quant.nn.cast import CastLayer
+from mono_quant.nn.linear import QuantLinear
 from mono_quant.nn.quantized import QParams, QuantizedLayer
+
+# Paths of QuantMultiheadAttention.forward, named by kernel_for.
+PROJECTIONS = "projections"
+REFERENCE = "reference"
 
 # Attributes of nn.MultiheadAttention that transformer layers read from their ``self_attn``.
 MHA_ATTRIBUTES = (
@@ -53,9 +59,21 @@ class QuantMultiheadAttention(QuantizedLayer):
     supported (the output projection's input is never seen by an ``ObservedLayer``); a static
     config uses dynamic activations.
 
-    NOTE: the dynamic path runs ``F.multi_head_attention_forward`` with an identity output
-    projection to get the attention output, which costs one extra ``embed_dim`` x ``embed_dim``
-    matmul per token.
+    ``forward`` takes one of two paths (:meth:`kernel_for` names it):
+
+    * ``"projections"``: float32 self-attention on CPU (``query``, ``key`` and ``value`` the
+      same batched tensor) without masks, attention weights, ``bias_k``/``bias_v``,
+      ``add_zero_attn`` or active dropout. The two projections run as ``QuantLinear`` layers
+      that share this layer's buffers, so they take the fast kernels of
+      :mod:`mono_quant.nn.linear` (int8 x int8 for dynamic inputs), and
+      ``F.scaled_dot_product_attention`` runs between them. That is the call
+      ``nn.TransformerEncoderLayer`` makes in inference without masks.
+    * ``"reference"``: :meth:`forward_reference` for every other call.
+
+    NOTE: the reference path dequantizes both projections on every call, and with dynamic
+    activations runs ``F.multi_head_attention_forward`` with an identity output projection to
+    get the attention output, which costs one extra ``embed_dim`` x ``embed_dim`` matmul per
+    token. Calls with a mask (``key_padding_mask``, ``attn_mask``, ``is_causal``) take it.
     """
 
     supports_static = False
@@ -136,6 +154,100 @@ class QuantMultiheadAttention(QuantizedLayer):
         quantized_value = quantized_key if value is key else self.quantize_input(value)
         return quantized_query, quantized_key, quantized_value
 
+    # ---- fast path -------------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to() and friends replace the buffers that the projection layers share.
+        self.__dict__.pop("_projection_layers", None)
+        return super()._apply(fn, recurse)
+
+    def kernel_for(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> str:
+        """Return the path ``forward`` takes for these arguments: ``projections`` or
+        ``reference``."""
+        fast = (
+            query is key
+            and key is value
+            and query.dim() == 3
+            and query.dtype == torch.float32
+            and query.is_cpu
+            and not need_weights
+            and key_padding_mask is None
+            and attn_mask is None
+            and not is_causal
+            and self._qkv_same_embed_dim
+            and self.bias_k is None
+            and self.bias_v is None
+            and not self.add_zero_attn
+            and not (self.training and self.dropout > 0.0)
+            and not (query.requires_grad and torch.is_grad_enabled())
+            and fast_kernels_enabled()
+        )
+        return PROJECTIONS if fast else REFERENCE
+
+    def _projections(self) -> tuple[QuantLinear, QuantLinear]:
+        """Return QuantLinear layers over the input and output projection buffers.
+
+        They hold the same tensors as this layer (no copy), so their kernel caches follow
+        in-place changes such as ``load_state_dict``. They are rebuilt when a buffer is replaced.
+        """
+        buffers = self._buffers
+        names = ("in_proj_weight", "out_proj_weight")
+        parts = ("codes", "scale", "zero_point")
+        sources = (
+            *(buffers[f"{name}_{part}"] for name in names for part in parts),
+            buffers["in_proj_bias"],
+            buffers["out_proj_bias"],
+        )
+        cached = self.__dict__.get("_projection_layers")
+        if cached is not None and all(a is b for a, b in zip(cached[0], sources, strict=True)):
+            return cached[1]
+        layers = tuple(
+            self._projection_layer(name, bias)
+            for name, bias in zip(names, sources[6:], strict=True)
+        )
+        self.__dict__["_projection_layers"] = (sources, layers)
+        return layers  # type: ignore[return-value]
+
+    def _projection_layer(self, name: str, bias: torch.Tensor | None) -> QuantLinear:
+        out_features, in_features = self.weight_shapes[name]
+        scale = self._buffers[f"{name}_scale"]
+        # Built on zeros with this layer's qparams, then pointed at this layer's buffers.
+        layer = QuantLinear(
+            torch.zeros(out_features, in_features, device=scale.device),
+            None,
+            self.weight_spec,
+            self.activations,
+            weight_qparams=(scale, self._zero_point(name)),
+            activation_granularity=self.activation_granularity or "per_token",
+        )
+        for part in ("codes", "scale", "zero_point"):
+            layer._buffers[f"weight_{part}"] = self._buffers[f"{name}_{part}"]
+        layer._buffers["bias"] = bias
+        return layer
+
+    def _forward_projections(self, x: torch.Tensor) -> torch.Tensor:
+        in_projection, out_projection = self._projections()
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        batch, length, _ = x.shape
+
+        qkv = in_projection(x).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attention = F.scaled_dot_product_attention(query, key, value)
+        attention = attention.transpose(1, 2).reshape(batch, length, self.embed_dim)
+        output = out_projection(attention)
+
+        return output if self.batch_first else output.transpose(0, 1)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -147,6 +259,11 @@ class QuantMultiheadAttention(QuantizedLayer):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        path = self.kernel_for(
+            query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
+        )
+        if path == PROJECTIONS:
+            return self._forward_projections(query), None
         return self.forward_reference(
             query,
             key,
