@@ -1,4 +1,4 @@
-"""CastLayer's float32 workspace path for Linear against its 16-bit reference path."""
+"""CastLayer's float32 paths (Linear workspace, upcast copies) against its 16-bit reference."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 
 import mono_quant.nn.cast as cast_module
 from mono_quant.core.kernels import reference_kernels
+from mono_quant.nn.attention import CastMultiheadAttention
 from mono_quant.nn.cast import CAST_MAX_ROWS, REFERENCE, WORKSPACE, CastLayer
 
 IN_FEATURES = 256
@@ -152,7 +153,108 @@ def test_no_grad_allows_workspace_with_trainable_parameters() -> None:
     assert kernel == WORKSPACE
 
 
-def test_conv_uses_reference() -> None:
-    layer = CastLayer(nn.Conv2d(3, 8, 3), torch.float16).requires_grad_(False)
+# ---- upcast path: other modules run in float32 on float32 copies of the 16-bit weights --------
 
-    assert layer.kernel_for(random_input((64, 3, 8, 8), seed=12)) == REFERENCE
+
+@pytest.mark.usefixtures("no_native_bfloat16")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    ("module", "shape"),
+    [
+        pytest.param(nn.Conv2d(3, 8, 3, padding=1), (4, 3, 8, 8), id="conv2d"),
+        pytest.param(nn.ConvTranspose1d(4, 6, 3, stride=2), (2, 4, 9), id="conv_transpose1d"),
+        pytest.param(nn.Conv1d(64, 512, 5), (2, 64, 20), id="conv1d_over_copy_limit"),
+    ],
+)
+def test_upcast_equals_float32_on_rounded_weights(
+    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    layer = CastLayer(module, dtype)
+    x = random_input(shape, seed=12)
+    upcast = type(module)(**_constructor_arguments(module))
+    upcast.load_state_dict({k: v.float() for k, v in layer.module.state_dict().items()})
+
+    with torch.no_grad():
+        kernel = layer.kernel_for(x)
+        output = layer(x)
+        expected = upcast(x)
+        reference = layer.forward_reference(x)
+
+    assert kernel == "upcast"
+    assert output.dtype == torch.float32
+    assert torch.equal(output, expected)
+    # The reference also rounds the input and output to 16 bits: a few eps of the output.
+    scale = float(expected.abs().amax())
+    torch.testing.assert_close(
+        output, reference, rtol=0, atol=8 * torch.finfo(dtype).eps * scale * shape[1] ** 0.5
+    )
+
+
+def _constructor_arguments(module: nn.Module) -> dict:
+    names = ("in_channels", "out_channels", "kernel_size", "stride", "padding")
+    return {name: getattr(module, name) for name in names}
+
+
+@pytest.mark.usefixtures("no_native_bfloat16")
+def test_upcast_attention_matches_float32_copy() -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(13)
+        mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    layer = CastMultiheadAttention.from_float(mha, torch.float16)
+    x = random_input((2, 5, 32), seed=14)
+    upcast = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    upcast.load_state_dict({k: v.float() for k, v in layer.module.state_dict().items()})
+
+    with torch.no_grad():
+        kernel = layer.kernel_for(x, x, x)
+        output, weights = layer(x, x, x)
+        expected, expected_weights = upcast(x, x, x)
+
+    assert kernel == "upcast"
+    assert torch.equal(output, expected)
+    assert torch.equal(weights, expected_weights)
+
+
+@pytest.mark.usefixtures("no_native_bfloat16")
+def test_upcast_copies_follow_load_state_dict() -> None:
+    layer = CastLayer(nn.Conv2d(3, 8, 3), torch.float16)
+    other = CastLayer(nn.Conv2d(3, 8, 3), torch.float16)
+    x = random_input((1, 3, 6, 6), seed=15)
+
+    with torch.no_grad():
+        before = layer(x)
+        layer.load_state_dict(other.state_dict())
+        after = layer(x)
+        expected = other(x)
+
+    assert not torch.equal(before, after)
+    assert torch.equal(after, expected)
+
+
+@pytest.mark.usefixtures("no_native_bfloat16")
+@pytest.mark.parametrize(
+    "case", ["lstm", "gradients", "float64", "integer_only", "native_bfloat16", "switch"]
+)
+def test_upcast_reference_cases(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dtype = torch.bfloat16 if case == "native_bfloat16" else torch.float16
+    if case == "native_bfloat16":
+        monkeypatch.setattr(cast_module, "has_native_bfloat16", lambda: True)
+    if case == "lstm":
+        layer, x = CastLayer(nn.LSTM(4, 8), dtype), random_input((3, 1, 4), seed=16)
+    elif case == "integer_only":
+        layer, x = CastLayer(nn.Embedding(10, 4), dtype), torch.tensor([1, 2, 3])
+    else:
+        layer, x = CastLayer(nn.Conv2d(3, 8, 3), dtype), random_input((1, 3, 6, 6), seed=16)
+    if case == "float64":
+        x = x.double()
+
+    if case == "switch":
+        with reference_kernels(), torch.no_grad():
+            kernel = layer.kernel_for(x)
+    elif case == "gradients":
+        kernel = layer.kernel_for(x)
+    else:
+        with torch.no_grad():
+            kernel = layer.kernel_for(x)
+
+    assert kernel == REFERENCE
