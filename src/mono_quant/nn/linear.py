@@ -403,12 +403,17 @@ class QuantLinear(QuantizedLayer):
         if self.activations == "static":
             scale, _, low, high = self._static_grid()
             return round_to_grid(x, scale, low, high)
+        rows = x.reshape(-1, self.in_features)
+        spec = None
         if self.activation_granularity == "per_tensor":
             spec = DYNAMIC_PER_TENSOR_SPEC
+        elif rows.shape[0] == 1:
+            # One token's pair is a per_tensor pair, computed with one reduction.
+            spec = DYNAMIC_SPEC
+        if spec is not None:
             scale, zero_point = per_tensor_qparams(x, spec)
             low, high = spec.quant_min - zero_point, spec.quant_max - zero_point
             return round_to_grid(x, scale, float(low), float(high))
-        rows = x.reshape(-1, self.in_features)
         qparams = checked_per_row_qparams(rows, DYNAMIC_SPEC)
         if qparams is None:
             return self.quantize_input(x)
