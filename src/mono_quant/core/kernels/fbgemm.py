@@ -36,9 +36,15 @@ def fbgemm_engine() -> str | None:
 
 def has_fbgemm_linear() -> bool:
     """Return True when the prepack and linear ops exist and the active engine is fbgemm."""
+    engine = fbgemm_engine()
+    return engine is not None and has_fbgemm_linear_for(engine)
+
+
+def has_fbgemm_linear_for(engine: str) -> bool:
+    """Return True when ``engine`` is an fbgemm engine and the prepack and linear ops exist."""
     quantized = torch.ops.quantized
     return (
-        fbgemm_engine() is not None
+        engine in FBGEMM_ENGINES
         and hasattr(quantized, "linear_prepack")
         and hasattr(quantized, _LINEAR_OP)
     )
@@ -140,7 +146,15 @@ def fbgemm_exact(input_quant_max: int, engine: str | None = None) -> bool:
     active quantized engine when the caller has read it already.
     """
     engine = engine or fbgemm_engine()
-    if engine not in FBGEMM_ENGINES or not has_fbgemm_linear():
+    if engine not in FBGEMM_ENGINES:
+        return False
+    return _exact(engine, input_quant_max)
+
+
+@functools.cache
+def _exact(engine: str, input_quant_max: int) -> bool:
+    # Cached per engine: layers ask on every call, and the operator lookups cost about 1 us.
+    if not has_fbgemm_linear_for(engine):
         return False
     if input_quant_max > 127 and not has_vnni():
         return False
