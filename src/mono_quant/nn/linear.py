@@ -393,9 +393,10 @@ class QuantLinear(QuantizedLayer):
     def _round_input(self, x: torch.Tensor) -> torch.Tensor:
         """Return :meth:`quantize_input` of ``x``, with fewer tensor operations where exact.
 
-        float32 inputs take :func:`round_to_grid` (static and dynamic per_tensor) or
-        :func:`round_rows_to_grid` (dynamic per_token), which equal the reference bit for bit;
-        other inputs, and rows that hold NaN or infinity, take :meth:`quantize_input` itself.
+        float32 inputs take :func:`round_to_grid` (static, dynamic per_tensor and a single
+        dynamic token) or :func:`round_rows_to_grid` (dynamic per_token), which equal the
+        reference bit for bit. Other inputs, and rows that contain NaN or infinity, take
+        :meth:`quantize_input` itself.
         """
         if self.activations is None or x.dtype != torch.float32:
             return self.quantize_input(x)

@@ -14,8 +14,8 @@ kernels on rounded inputs while a call has at most :data:`DENSE_MAX_MACS` multip
 The output equals the reference path bit for bit, because the reference dequantizes the same
 weight and rounds the input the same way.
 
-NOTE: the copy costs 4 bytes per weight element in memory (256 KiB at most per layer), on top
-of the stored codes; ``state_dict`` and saved files keep only the codes.
+NOTE: the copy costs 4 bytes per weight element in memory (256 KiB at most per layer) on top
+of the stored codes. ``state_dict`` and saved files keep only the codes.
 """
 
 from __future__ import annotations
