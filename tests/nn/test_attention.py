@@ -307,7 +307,7 @@ def test_projections_path_only_for_plain_self_attention(call: dict, kwargs: dict
     assert path == REFERENCE
 
 
-def test_projections_path_not_in_training_with_dropout_or_with_grad() -> None:
+def test_projections_skip_dropout_and_grad() -> None:
     mha = nn.MultiheadAttention(EMBED, HEADS, dropout=0.1, batch_first=True)
     layer = QuantMultiheadAttention.from_float(mha, INT8)
     x = self_attention_input(True, EMBED, seed=26)

@@ -136,15 +136,18 @@ WORKSPACE_SPECS = [
 def test_workspace_path_equals_reference(
     conv_type: type[nn.Module], kwargs: dict, shape: tuple[int, ...], spec, activations, no_dense
 ) -> None:
-    layer = _layer(conv_type, kwargs, spec, activations)
-    x = _input(shape)
+    check_path_equals_reference(
+        _layer(conv_type, kwargs, spec, activations), _input(shape), "workspace"
+    )
 
+
+def check_path_equals_reference(layer: nn.Module, x: torch.Tensor, path: str) -> None:
     with torch.no_grad():
         kernel = layer.kernel_for(x)
         output = layer(x)
         expected = layer.forward_reference(x)
 
-    assert kernel == "workspace"
+    assert kernel == path
     assert torch.equal(output, expected)
 
 
@@ -163,16 +166,9 @@ DENSE_SPECS = [
 def test_dense_path_equals_reference(
     conv_type: type[nn.Module], kwargs: dict, shape: tuple[int, ...], spec, activations
 ) -> None:
-    layer = _layer(conv_type, kwargs, spec, activations)
-    x = _input(shape)
-
-    with torch.no_grad():
-        kernel = layer.kernel_for(x)
-        output = layer(x)
-        expected = layer.forward_reference(x)
-
-    assert kernel == "dense"
-    assert torch.equal(output, expected)
+    check_path_equals_reference(
+        _layer(conv_type, kwargs, spec, activations), _input(shape), "dense"
+    )
 
 
 def test_dense_copy_follows_new_weights() -> None:

@@ -86,7 +86,7 @@ def test_dense_without_bias_equals_reference() -> None:
         assert torch.equal(layer(x), layer.forward_reference(x))
 
 
-def test_dense_per_token_rows_with_constant_and_zero_values() -> None:
+def test_dense_constant_and_zero_rows() -> None:
     # A constant row and an all-zero row have a zero range: the scale is clamped to its minimum.
     layer = make_layer(QuantSpec(bits=8, granularity="per_channel"), "dynamic")
     x = random_input((4, 64))
@@ -98,7 +98,7 @@ def test_dense_per_token_rows_with_constant_and_zero_values() -> None:
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_dense_per_token_non_finite_input_fails_like_reference(value: float) -> None:
+def test_dense_non_finite_input_error(value: float) -> None:
     layer = make_layer(QuantSpec(bits=8, granularity="per_channel"), "dynamic")
     x = random_input((2, 64))
     x[1, 5] = value
@@ -111,7 +111,7 @@ def test_dense_per_token_non_finite_input_fails_like_reference(value: float) -> 
     assert str(fast_error.value) == str(reference_error.value)
 
 
-def test_dense_per_token_huge_values_take_the_capped_reference() -> None:
+def test_dense_huge_values_capped() -> None:
     # Past about 1e38 the reference caps the scale; the dense path hands such rows to it.
     layer = make_layer(QuantSpec(bits=8, granularity="per_channel"), "dynamic")
     x = random_input((2, 64))
@@ -142,7 +142,7 @@ def test_dense_copy_follows_load_state_dict() -> None:
 
 def test_dense_limits_choose_other_paths() -> None:
     spec = QuantSpec(bits=8, granularity="per_channel")
-    # 256 * 256 weights sit at the weight limit; 7 rows pass the MAC limit.
+    # 256 * 256 weights sit at the weight limit. 7 rows stay within the MAC limit, 8 pass it.
     at_limit = make_layer(spec, None, in_features=256, out_features=256)
     over_weight = make_layer(spec, None, in_features=256, out_features=257)
     rows_at_mac_limit = DENSE_MAX_MACS // (256 * 256)
@@ -167,7 +167,7 @@ def test_dense_is_float32_only(dtype: torch.dtype) -> None:
     assert layer.kernel_for(x) != DENSE
 
 
-def test_dense_not_used_for_grad_of_weight_only_input() -> None:
+def test_dense_skipped_for_input_grad() -> None:
     layer = make_layer(QuantSpec(bits=8, granularity="per_channel"), None)
     x = random_input((2, 64)).requires_grad_()
 

@@ -403,7 +403,7 @@ def test_fbgemm_per_token_matches_reference(
 @needs_fbgemm_static
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_fbgemm_per_token_non_finite_input_fails_like_reference(rows: int, value: float) -> None:
+def test_fbgemm_per_token_non_finite_error(rows: int, value: float) -> None:
     layer = make_layer(INT8_PER_CHANNEL, "dynamic", seed=91, granularity="per_token")
     x = random_input((rows, IN_FEATURES), seed=92)
     x[0, 3] = value
