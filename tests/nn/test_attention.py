@@ -248,6 +248,34 @@ def test_projections_path_matches_reference(
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=["bool", "float"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+def test_projections_padding_mask_matches_reference(
+    batch_first: bool, mask_dtype: torch.dtype, exact_linear_paths
+) -> None:
+    mha = float_mha({"batch_first": batch_first}, seed=32)
+    layer = QuantMultiheadAttention.from_float(mha, INT8, activations="dynamic")
+    x = self_attention_input(batch_first, EMBED, seed=33)
+    padding = torch.zeros(BATCH, TARGET, dtype=torch.bool)
+    padding[1, 3:] = True
+    mask = padding
+    if mask_dtype == torch.float32:
+        mask = torch.zeros(BATCH, TARGET).masked_fill(padding, float("-inf"))
+
+    with torch.no_grad():
+        path = layer.kernel_for(x, x, x, key_padding_mask=mask, need_weights=False)
+        output, _ = layer(x, x, x, key_padding_mask=mask, need_weights=False)
+        expected, _ = layer.forward_reference(x, x, x, key_padding_mask=mask, need_weights=False)
+        unmasked, _ = layer(x, x, x, need_weights=False)
+
+    assert path == PROJECTIONS
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    # The mask changes the second sequence only.
+    batch_dim = 0 if batch_first else 1
+    torch.testing.assert_close(output.select(batch_dim, 0), unmasked.select(batch_dim, 0))
+    assert not torch.allclose(output.select(batch_dim, 1), unmasked.select(batch_dim, 1))
+
+
 def test_projections_path_with_int8_kernel_matches_reference() -> None:
     # 768x256 and 256x256 weights are past the dense limit, so dynamic inputs run fbgemm,
     # which rounds x * (1 / scale): a value within float rounding of a tie lands one code away.
@@ -277,7 +305,8 @@ def test_projections_path_with_int8_kernel_matches_reference() -> None:
     [
         pytest.param({"need_weights": True}, {}, id="need_weights"),
         pytest.param({"attn_mask": "causal"}, {}, id="attn_mask"),
-        pytest.param({"key_padding_mask": "padding"}, {}, id="key_padding_mask"),
+        pytest.param({"key_padding_mask": "wrong_shape"}, {}, id="padding_mask_shape"),
+        pytest.param({"key_padding_mask": "float64"}, {}, id="padding_mask_float64"),
         pytest.param({}, {"add_bias_kv": True}, id="bias_kv"),
         pytest.param({}, {"add_zero_attn": True}, id="zero_attn"),
         pytest.param({}, {"kdim": 6, "vdim": 10}, id="separate_qkv"),
@@ -297,10 +326,13 @@ def test_projections_path_only_for_plain_self_attention(call: dict, kwargs: dict
         "attn_mask": nn.Transformer.generate_square_subsequent_mask(TARGET)
         if call.get("attn_mask")
         else None,
-        "key_padding_mask": torch.zeros(BATCH, TARGET, dtype=torch.bool)
-        if call.get("key_padding_mask")
-        else None,
+        "key_padding_mask": None,
     }
+
+    if call.get("key_padding_mask") == "wrong_shape":
+        masks["key_padding_mask"] = torch.zeros(BATCH, TARGET + 1, dtype=torch.bool)
+    if call.get("key_padding_mask") == "float64":
+        masks["key_padding_mask"] = torch.zeros(BATCH, TARGET, dtype=torch.float64)
 
     path = layer.kernel_for(x, key, value, need_weights=call.get("need_weights", False), **masks)
 
@@ -334,12 +366,17 @@ def test_projections_path_follows_loaded_weights() -> None:
     assert torch.equal(after, expected)
 
 
-def test_projections_path_in_quantized_transformer_encoder() -> None:
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padding_mask"])
+def test_projections_path_in_quantized_transformer_encoder(padded: bool) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(30)
         block = nn.TransformerEncoderLayer(EMBED, HEADS, 32, batch_first=True)
         encoder = nn.TransformerEncoder(block, 2, enable_nested_tensor=False).eval()
     x = torch.randn(BATCH, TARGET, EMBED, generator=torch.Generator().manual_seed(31))
+    padding = None
+    if padded:
+        padding = torch.zeros(BATCH, TARGET, dtype=torch.bool)
+        padding[1, 3:] = True
     quantized = mq.quantize(encoder, "w8a8-dynamic")
     paths: list[str] = []
 
@@ -350,9 +387,9 @@ def test_projections_path_in_quantized_transformer_encoder() -> None:
         if isinstance(module, QuantMultiheadAttention):
             module.register_forward_pre_hook(record, with_kwargs=True)
     with torch.no_grad():
-        output = quantized(x)
+        output = quantized(x, src_key_padding_mask=padding)
         with mq.reference_kernels():
-            expected = quantized(x)
+            expected = quantized(x, src_key_padding_mask=padding)
 
     assert paths[:2] == [PROJECTIONS, PROJECTIONS]
     assert paths[2:] == [REFERENCE, REFERENCE]

@@ -62,18 +62,19 @@ class QuantMultiheadAttention(QuantizedLayer):
     ``forward`` takes one of two paths (:meth:`kernel_for` names it):
 
     * ``"projections"``: float32 self-attention on CPU (``query``, ``key`` and ``value`` the
-      same batched tensor) without masks, attention weights, ``bias_k``/``bias_v``,
-      ``add_zero_attn`` or active dropout. The two projections run as ``QuantLinear`` layers
-      that share this layer's buffers, so they take the fast kernels of
+      same batched tensor) without ``attn_mask``, ``is_causal``, attention weights,
+      ``bias_k``/``bias_v``, ``add_zero_attn`` or active dropout. A ``key_padding_mask``
+      (bool, or float32 added to the scores) is allowed. The two projections run as
+      ``QuantLinear`` layers that share this layer's buffers, so they take the fast kernels of
       :mod:`mono_quant.nn.linear` (int8 x int8 for dynamic inputs), and
       ``F.scaled_dot_product_attention`` runs between them. That is the call
-      ``nn.TransformerEncoderLayer`` makes in inference without masks.
+      ``nn.TransformerEncoderLayer`` makes in inference, with or without a padding mask.
     * ``"reference"``: :meth:`forward_reference` for every other call.
 
     NOTE: the reference path dequantizes both projections on every call, and with dynamic
     activations runs ``F.multi_head_attention_forward`` with an identity output projection to
     get the attention output, which costs one extra ``embed_dim`` x ``embed_dim`` matmul per
-    token. Calls with a mask (``key_padding_mask``, ``attn_mask``, ``is_causal``) take it.
+    token. Calls with ``attn_mask`` or ``is_causal`` (causal and other score masks) take it.
     """
 
     supports_static = False
@@ -180,7 +181,7 @@ class QuantMultiheadAttention(QuantizedLayer):
             and query.dtype == torch.float32
             and query.is_cpu
             and not need_weights
-            and key_padding_mask is None
+            and _padding_mask_supported(key_padding_mask, query, self.batch_first)
             and attn_mask is None
             and not is_causal
             and self._qkv_same_embed_dim
@@ -234,15 +235,27 @@ class QuantMultiheadAttention(QuantizedLayer):
         layer._buffers["bias"] = bias
         return layer
 
-    def _forward_projections(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_projections(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         in_projection, out_projection = self._projections()
         if not self.batch_first:
             x = x.transpose(0, 1)
         batch, length, _ = x.shape
 
+        # The mask added to the scores, as F.multi_head_attention_forward builds it: -inf at
+        # True entries of a bool mask, a float mask as given; it broadcasts over heads and rows.
+        scores_mask = None
+        if key_padding_mask is not None:
+            scores_mask = key_padding_mask
+            if key_padding_mask.dtype == torch.bool:
+                scores_mask = torch.zeros(key_padding_mask.shape, dtype=x.dtype)
+                scores_mask.masked_fill_(key_padding_mask, float("-inf"))
+            scores_mask = scores_mask.view(batch, 1, 1, length)
+
         qkv = in_projection(x).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attention = F.scaled_dot_product_attention(query, key, value)
+        attention = F.scaled_dot_product_attention(query, key, value, attn_mask=scores_mask)
         attention = attention.transpose(1, 2).reshape(batch, length, self.embed_dim)
         output = out_projection(attention)
 
@@ -263,7 +276,7 @@ class QuantMultiheadAttention(QuantizedLayer):
             query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
         )
         if path == PROJECTIONS:
-            return self._forward_projections(query), None
+            return self._forward_projections(query, key_padding_mask), None
         return self.forward_reference(
             query,
             key,
@@ -348,6 +361,20 @@ class QuantMultiheadAttention(QuantizedLayer):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"batch_first={self.batch_first}, {super().extra_repr()}"
         )
+
+
+def _padding_mask_supported(
+    mask: torch.Tensor | None, query: torch.Tensor, batch_first: bool
+) -> bool:
+    """Return True when ``mask`` is absent or a (batch, length) bool or float32 CPU tensor."""
+    if mask is None:
+        return True
+    batch, length = (0, 1) if batch_first else (1, 0)
+    return (
+        mask.dtype in (torch.bool, torch.float32)
+        and mask.is_cpu
+        and mask.shape == (query.shape[batch], query.shape[length])
+    )
 
 
 class CastMultiheadAttention(CastLayer):
