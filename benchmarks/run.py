@@ -1,8 +1,9 @@
 """Run the benchmarks and write them as Markdown (``docs/benchmarks.md`` by default).
 
 Run ``python -m benchmarks.run`` (or ``make bench``) from the repository root. ``--quick``
-measures a few cells in under a minute, for smoke tests; the full run is sized for about ten
-minutes on a 2-core CPU.
+measures a few cells in under a minute, for smoke tests, and writes ``build/benchmarks-quick.md``
+so that it leaves the committed results alone. The full run is sized for about ten minutes on a
+2-core CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger("benchmarks")
 
 SECTIONS = ("linear", "models", "calibration", "qat")
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+QUICK_OUTPUT = Path(__file__).resolve().parents[1] / "build" / "benchmarks-quick.md"
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output",
         type=Path,
-        default=DEFAULT_OUTPUT,
-        help="Markdown file to write (default: docs/benchmarks.md in the repository)",
+        default=None,
+        help="Markdown file to write (default: docs/benchmarks.md in the repository, or "
+        "build/benchmarks-quick.md with --quick)",
     )
     parser.add_argument(
         "--sections",
@@ -141,7 +144,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds of timed calls per cell after warm-up (default: 0.2, or 0.02 with "
         "--quick); every cell still runs its minimum number of calls",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = QUICK_OUTPUT if args.quick else DEFAULT_OUTPUT
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

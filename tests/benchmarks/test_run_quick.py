@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from benchmarks.report import format_number
-from benchmarks.run import QUICK_PLAN, parse_args
+from benchmarks.run import DEFAULT_OUTPUT, QUICK_OUTPUT, QUICK_PLAN, parse_args
 from benchmarks.timing import TimingPolicy, measure, measure_round_robin
 from benchmarks.variants import baseline_and_mono_quant_variants
 
@@ -211,6 +211,13 @@ def test_round_robin_calls_each_once_per_round_in_varying_order() -> None:
     }
     assert len(before_a) > 1
     assert all(timing.repeats == 12 for timing in timings.values())
+
+
+def test_quick_run_leaves_committed_results_alone() -> None:
+    assert parse_args(["--quick"]).output == QUICK_OUTPUT
+    assert parse_args([]).output == DEFAULT_OUTPUT
+    assert parse_args(["--quick", "--output", "x.md"]).output == Path("x.md")
+    assert QUICK_OUTPUT.parent.name == "build"
 
 
 def test_policy_rejects_zero_budget() -> None:

@@ -68,9 +68,11 @@ class CastLayer(nn.Module):
         return cls(module, dtype)
 
     def kernel_for(self, *args: Any, **kwargs: Any) -> str:
-        """Return the path ``forward(*args, **kwargs)`` takes, ``"reference"`` or ``"workspace"``.
+        """Return the path ``forward(*args, **kwargs)`` takes: ``"reference"``, ``"workspace"``
+        or ``"upcast"``.
 
-        Only ``nn.Linear`` modules called with one float32 CPU tensor can take the workspace.
+        Only ``nn.Linear`` modules called with one float32 CPU tensor can take the workspace;
+        other modules except recurrent ones take ``"upcast"`` with float32 CPU inputs.
         """
         module = self.module
         if module._forward_hooks or module._forward_pre_hooks or not fast_kernels_enabled():
