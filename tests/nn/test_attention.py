@@ -394,3 +394,20 @@ def test_projections_path_in_quantized_transformer_encoder(padded: bool) -> None
     assert paths[:2] == [PROJECTIONS, PROJECTIONS]
     assert paths[2:] == [REFERENCE, REFERENCE]
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_input_error_names_attention_layer() -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(34)
+        block = nn.TransformerEncoderLayer(EMBED, HEADS, 32, batch_first=True)
+        encoder = nn.TransformerEncoder(block, 1, enable_nested_tensor=False).eval()
+    quantized = mq.quantize(encoder, "w8a8-dynamic")
+    x = torch.randn(BATCH, TARGET, EMBED, generator=torch.Generator().manual_seed(35))
+    x[0, 0, 0] = float("inf")
+
+    with torch.no_grad(), pytest.raises(ValueError) as error:
+        quantized(x)
+
+    message = str(error.value)
+    assert message.startswith("the input of QuantMultiheadAttention 'layers.0.self_attn'")
+    assert "QuantConfig(overrides={'layers.0.self_attn': None})" in message

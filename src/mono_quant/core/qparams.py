@@ -12,12 +12,16 @@ from mono_quant.core.spec import QuantSpec
 MIN_SCALE = torch.finfo(torch.float32).eps
 
 
+class NonFiniteError(ValueError):
+    """Error raised when a range to quantize contains NaN or infinity."""
+
+
 def check_finite(x: torch.Tensor, what: str) -> None:
-    """Raise ``ValueError`` when ``x`` contains NaN or infinity; ``what`` names the tensor."""
+    """Raise :class:`NonFiniteError` when ``x`` contains NaN or infinity; ``what`` names it."""
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         nan_count = int(torch.isnan(x).sum())
         inf_count = int(torch.isinf(x).sum())
-        raise ValueError(
+        raise NonFiniteError(
             f"{what} contains {nan_count} NaN and {inf_count} infinite values; quantization "
             "ranges need finite data. Check the inputs and the layers before this one."
         )

@@ -24,7 +24,12 @@ from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import ActivationMode
 from mono_quant.nn.cast import CastLayer
 from mono_quant.nn.linear import QuantLinear
-from mono_quant.nn.quantized import QParams, QuantizedLayer
+from mono_quant.nn.quantized import (
+    INNER_ATTRIBUTE,
+    QParams,
+    QuantizedLayer,
+    names_layer_in_input_errors,
+)
 
 # Paths of QuantMultiheadAttention.forward, named by kernel_for.
 PROJECTIONS = "projections"
@@ -233,6 +238,8 @@ class QuantMultiheadAttention(QuantizedLayer):
         for part in ("codes", "scale", "zero_point"):
             layer._buffers[f"weight_{part}"] = self._buffers[f"{name}_{part}"]
         layer._buffers["bias"] = bias
+        # Errors from the projection name this attention layer, the one users configure.
+        layer.__dict__[INNER_ATTRIBUTE] = True
         return layer
 
     def _forward_projections(
@@ -261,6 +268,7 @@ class QuantMultiheadAttention(QuantizedLayer):
 
         return output if self.batch_first else output.transpose(0, 1)
 
+    @names_layer_in_input_errors
     def forward(
         self,
         query: torch.Tensor,

@@ -40,7 +40,7 @@ from mono_quant.core.fastpath import (
 from mono_quant.core.kernels.dense import DENSE_MAX_WEIGHT
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import STATIC_SPEC, ActivationMode
-from mono_quant.nn.quantized import QuantizedLayer, container_bits
+from mono_quant.nn.quantized import QuantizedLayer, container_bits, names_layer_in_input_errors
 
 # Input grid of quantize_input(x, per_tensor=True): static and dynamic inputs both use it.
 INPUT_SPEC = STATIC_SPEC
@@ -200,6 +200,7 @@ class _QuantConvNd(QuantizedLayer):
         )
         return conv_kernels.match_memory_format(output, x)
 
+    @names_layer_in_input_errors
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel, plan = self._choose(x)
         if kernel == "dense":

@@ -33,7 +33,12 @@ from mono_quant.core.fastpath import (
 )
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import STATIC_SPEC, ActivationMode
-from mono_quant.nn.quantized import QParams, QuantizedLayer, container_bits
+from mono_quant.nn.quantized import (
+    QParams,
+    QuantizedLayer,
+    container_bits,
+    names_layer_in_input_errors,
+)
 
 # Input grid of quantize_input(x, per_tensor=True): static and dynamic inputs both use it.
 INPUT_SPEC = STATIC_SPEC
@@ -161,6 +166,7 @@ class _QuantConvTransposeNd(QuantizedLayer):
         """Return the path ``forward`` takes for ``x``: ``workspace`` or ``reference``."""
         return "reference" if self._workspace_plan(x) is None else "workspace"
 
+    @names_layer_in_input_errors
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         plan = self._workspace_plan(x)
         if plan is None:

@@ -86,7 +86,7 @@ from mono_quant.nn.activation import (
     ActivationMode,
     per_tensor_qparams,
 )
-from mono_quant.nn.quantized import QuantizedLayer, container_bits
+from mono_quant.nn.quantized import QuantizedLayer, container_bits, names_layer_in_input_errors
 
 REFERENCE = "reference"
 FBGEMM = "fbgemm"
@@ -364,6 +364,7 @@ class QuantLinear(QuantizedLayer):
     # -----------------------------------------------------------------------------------------
     # Paths
 
+    @names_layer_in_input_errors
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel, packed = self._plan(x)
         if kernel == FBGEMM:

@@ -12,14 +12,15 @@ travels as extra state in ``state_dict``, which ``torch.load(weights_only=True)`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from mono_quant.core.packing import pack_bits, unpack_bits
-from mono_quant.core.qparams import choose_qparams, min_max
+from mono_quant.core.qparams import NonFiniteError, choose_qparams, min_max
 from mono_quant.core.quantize import dequantize, quantize, storage_dtype
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import (
@@ -36,6 +37,38 @@ from mono_quant.nn.activation import (
 FORMAT_VERSION = 1
 
 QParams = tuple[torch.Tensor, torch.Tensor]
+# Attribute where the transforms record a layer's qualified name in its model, for messages.
+NAME_ATTRIBUTE = "_mono_quant_name"
+# Set on layers that another layer runs internally; their errors are named by that layer.
+INNER_ATTRIBUTE = "_mono_quant_inner"
+_Forward = TypeVar("_Forward", bound=Callable[..., Any])
+
+
+def names_layer_in_input_errors(forward: _Forward) -> _Forward:
+    """Wrap a ``forward`` so that a NaN or infinite input range names the layer in the error.
+
+    The quantization functions see only the tensor (``min_val contains 1 NaN ...``). The
+    wrapper re-raises :class:`~mono_quant.core.qparams.NonFiniteError` with the layer's name
+    and type in front, once, from the innermost quantized layer.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self: QuantizedLayer, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return forward(self, *args, **kwargs)
+        except NonFiniteError as error:
+            if getattr(error, "names_layer", False) or self.__dict__.get(INNER_ATTRIBUTE):
+                raise
+            name = self.__dict__.get(NAME_ATTRIBUTE) or "<layer name>"
+            named = NonFiniteError(
+                f"the input of {self.describe()} has no finite range to quantize: {error} If "
+                f"its inputs can be NaN or infinite, keep the layer in float with "
+                f"QuantConfig(overrides={{{name!r}: None}})."
+            )
+            named.names_layer = True  # type: ignore[attr-defined]
+            raise named from error
+
+    return wrapper  # type: ignore[return-value]
 
 
 def container_bits(bits: int) -> int:
@@ -173,6 +206,14 @@ class QuantizedLayer(nn.Module):
         unsigned = unpack_bits(packed, container_bits(self.weight_spec.bits), shape)
         signed = unsigned.to(torch.int16) + self.weight_spec.quant_min
         return signed.to(storage_dtype(self.weight_spec))
+
+    def describe(self) -> str:
+        """Return the layer's type with its name in the model, or its weight shapes."""
+        name = self.__dict__.get(NAME_ATTRIBUTE)
+        if name:
+            return f"{type(self).__name__} {name!r}"
+        shapes = ", ".join(f"{key} {tuple(shape)}" for key, shape in self.weight_shapes.items())
+        return f"{type(self).__name__} ({shapes})"
 
     def weight_int(self, name: str = "weight") -> torch.Tensor:
         """Return the unpacked integer codes (int8 or uint8) of weight ``name`` in its shape."""

@@ -47,7 +47,12 @@ from mono_quant.core.fastpath import (
 )
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import DYNAMIC_SPEC, ActivationMode, dynamic_spec
-from mono_quant.nn.quantized import QParams, QuantizedLayer, container_bits
+from mono_quant.nn.quantized import (
+    QParams,
+    QuantizedLayer,
+    container_bits,
+    names_layer_in_input_errors,
+)
 
 State = tuple[torch.Tensor, ...]
 Core = Callable[[torch.Tensor, torch.Tensor | None, State], tuple[torch.Tensor, State]]
@@ -241,6 +246,7 @@ class _QuantRNNBase(QuantizedLayer):
 
     # ---- the two computation paths ----------------------------------------------------------
 
+    @names_layer_in_input_errors
     def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
         kernel = self.kernel_for(input, hx)
         if kernel == "fused":

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from mono_quant.config import QuantConfig
+from mono_quant.nn.quantized import NAME_ATTRIBUTE
 from mono_quant.transform.report import QuantizationReport
 from mono_quant.transform.select import LayerDecision
 
@@ -53,6 +54,8 @@ def set_state(model: nn.Module, state: QuantizationState) -> None:
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at qualified ``name`` in ``root``; return the root, or ``new`` for name ""."""
+    # Recorded for error messages. A plain attribute, so it stays out of state_dict.
+    new.__dict__[NAME_ATTRIBUTE] = name
     if name == "":
         return new
     parent_name, _, child = name.rpartition(".")
