@@ -276,6 +276,48 @@ def test_projections_padding_mask_matches_reference(
     assert not torch.allclose(output.select(batch_dim, 1), unmasked.select(batch_dim, 1))
 
 
+def causal_masks() -> dict[str, torch.Tensor]:
+    float_mask = nn.Transformer.generate_square_subsequent_mask(TARGET)
+    return {
+        "bool": torch.isinf(float_mask),
+        "float": float_mask,
+        "per_head": float_mask.expand(BATCH * HEADS, TARGET, TARGET).clone(),
+    }
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "padding"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["mask", "mask_and_is_causal"])
+@pytest.mark.parametrize("kind", ["bool", "float", "per_head"])
+def test_projections_attn_mask_matches_reference(
+    kind: str, is_causal: bool, padded: bool, exact_linear_paths
+) -> None:
+    mha = float_mha({"batch_first": True}, seed=36)
+    layer = QuantMultiheadAttention.from_float(mha, INT8, activations="dynamic")
+    x = self_attention_input(True, EMBED, seed=37)
+    padding = None
+    if padded:
+        padding = torch.zeros(BATCH, TARGET, dtype=torch.bool)
+        padding[1, 3:] = True
+        if kind != "bool":
+            # torch warns when the two masks differ in type.
+            padding = torch.zeros(BATCH, TARGET).masked_fill(padding, float("-inf"))
+    masks = {"attn_mask": causal_masks()[kind], "key_padding_mask": padding}
+
+    with torch.no_grad():
+        path = layer.kernel_for(x, x, x, need_weights=False, is_causal=is_causal, **masks)
+        output, _ = layer(x, x, x, need_weights=False, is_causal=is_causal, **masks)
+        expected, _ = layer.forward_reference(
+            x, x, x, need_weights=False, is_causal=is_causal, **masks
+        )
+        unmasked, _ = layer(x, x, x, need_weights=False)
+
+    assert path == PROJECTIONS
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    # The causal mask leaves the last position (which sees every key) unchanged only.
+    assert not torch.allclose(output[0, 0], unmasked[0, 0])
+    torch.testing.assert_close(output[0, -1], unmasked[0, -1], rtol=1e-5, atol=1e-6)
+
+
 def test_projections_path_with_int8_kernel_matches_reference() -> None:
     # 768x256 and 256x256 weights are past the dense limit, so dynamic inputs run fbgemm,
     # which rounds x * (1 / scale): a value within float rounding of a tie lands one code away.
@@ -304,7 +346,8 @@ def test_projections_path_with_int8_kernel_matches_reference() -> None:
     ("call", "kwargs"),
     [
         pytest.param({"need_weights": True}, {}, id="need_weights"),
-        pytest.param({"attn_mask": "causal"}, {}, id="attn_mask"),
+        pytest.param({"attn_mask": "wrong_shape"}, {}, id="attn_mask_shape"),
+        pytest.param({"is_causal": True}, {}, id="is_causal_without_mask"),
         pytest.param({"key_padding_mask": "wrong_shape"}, {}, id="padding_mask_shape"),
         pytest.param({"key_padding_mask": "float64"}, {}, id="padding_mask_float64"),
         pytest.param({}, {"add_bias_kv": True}, id="bias_kv"),
@@ -323,9 +366,7 @@ def test_projections_path_only_for_plain_self_attention(call: dict, kwargs: dict
         key = torch.randn(BATCH, SOURCE, kwargs.get("kdim", EMBED), dtype=x.dtype)
         value = torch.randn(BATCH, SOURCE, kwargs.get("vdim", EMBED), dtype=x.dtype)
     masks = {
-        "attn_mask": nn.Transformer.generate_square_subsequent_mask(TARGET)
-        if call.get("attn_mask")
-        else None,
+        "attn_mask": torch.zeros(TARGET, TARGET + 1) if call.get("attn_mask") else None,
         "key_padding_mask": None,
     }
 
@@ -334,7 +375,10 @@ def test_projections_path_only_for_plain_self_attention(call: dict, kwargs: dict
     if call.get("key_padding_mask") == "float64":
         masks["key_padding_mask"] = torch.zeros(BATCH, TARGET, dtype=torch.float64)
 
-    path = layer.kernel_for(x, key, value, need_weights=call.get("need_weights", False), **masks)
+    need_weights = call.get("need_weights", False)
+    is_causal = call.get("is_causal", False)
+
+    path = layer.kernel_for(x, key, value, need_weights=need_weights, is_causal=is_causal, **masks)
 
     assert path == REFERENCE
 

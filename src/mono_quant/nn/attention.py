@@ -67,19 +67,20 @@ class QuantMultiheadAttention(QuantizedLayer):
     ``forward`` takes one of two paths (:meth:`kernel_for` names it):
 
     * ``"projections"``: float32 self-attention on CPU (``query``, ``key`` and ``value`` the
-      same batched tensor) without ``attn_mask``, ``is_causal``, attention weights,
-      ``bias_k``/``bias_v``, ``add_zero_attn`` or active dropout. A ``key_padding_mask``
-      (bool, or float32 added to the scores) is allowed. The two projections run as
+      same batched tensor) without attention weights, ``bias_k``/``bias_v``,
+      ``add_zero_attn`` or active dropout. ``key_padding_mask`` and ``attn_mask`` (bool, or
+      float32 added to the scores, in the shapes torch documents) and ``is_causal`` are
+      applied as ``F.multi_head_attention_forward`` applies them. The two projections run as
       ``QuantLinear`` layers that share this layer's buffers, so they take the fast kernels of
       :mod:`mono_quant.nn.linear` (int8 x int8 for dynamic inputs), and
       ``F.scaled_dot_product_attention`` runs between them. That is the call
-      ``nn.TransformerEncoderLayer`` makes in inference, with or without a padding mask.
+      ``nn.TransformerEncoderLayer`` makes in inference, with or without masks.
     * ``"reference"``: :meth:`forward_reference` for every other call.
 
     NOTE: the reference path dequantizes both projections on every call, and with dynamic
     activations runs ``F.multi_head_attention_forward`` with an identity output projection to
     get the attention output, which costs one extra ``embed_dim`` x ``embed_dim`` matmul per
-    token. Calls with ``attn_mask`` or ``is_causal`` (causal and other score masks) take it.
+    token. Cross-attention, attention weights and training with dropout take it.
     """
 
     supports_static = False
@@ -186,9 +187,9 @@ class QuantMultiheadAttention(QuantizedLayer):
             and query.dtype == torch.float32
             and query.is_cpu
             and not need_weights
-            and _padding_mask_supported(key_padding_mask, query, self.batch_first)
-            and attn_mask is None
-            and not is_causal
+            and _masks_supported(
+                key_padding_mask, attn_mask, is_causal, query, self.batch_first, self.num_heads
+            )
             and self._qkv_same_embed_dim
             and self.bias_k is None
             and self.bias_v is None
@@ -243,26 +244,37 @@ class QuantMultiheadAttention(QuantizedLayer):
         return layer
 
     def _forward_projections(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
     ) -> torch.Tensor:
         in_projection, out_projection = self._projections()
         if not self.batch_first:
             x = x.transpose(0, 1)
         batch, length, _ = x.shape
 
-        # The mask added to the scores, as F.multi_head_attention_forward builds it: -inf at
-        # True entries of a bool mask, a float mask as given; it broadcasts over heads and rows.
+        # The masks as F.multi_head_attention_forward combines them for
+        # scaled_dot_product_attention: additive float masks, summed, and the is_causal hint
+        # used in place of attn_mask only when there is no padding mask.
         scores_mask = None
+        if is_causal and key_padding_mask is None:
+            attn_mask = None
+        else:
+            is_causal = False
+        if attn_mask is not None:
+            shape = (1, 1, length, length) if attn_mask.dim() == 2 else (batch, -1, length, length)
+            scores_mask = _additive_mask(attn_mask, x.dtype).view(shape)
         if key_padding_mask is not None:
-            scores_mask = key_padding_mask
-            if key_padding_mask.dtype == torch.bool:
-                scores_mask = torch.zeros(key_padding_mask.shape, dtype=x.dtype)
-                scores_mask.masked_fill_(key_padding_mask, float("-inf"))
-            scores_mask = scores_mask.view(batch, 1, 1, length)
+            padding = _additive_mask(key_padding_mask, x.dtype).view(batch, 1, 1, length)
+            scores_mask = padding if scores_mask is None else scores_mask + padding
 
         qkv = in_projection(x).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attention = F.scaled_dot_product_attention(query, key, value, attn_mask=scores_mask)
+        attention = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=scores_mask, is_causal=is_causal
+        )
         attention = attention.transpose(1, 2).reshape(batch, length, self.embed_dim)
         output = out_projection(attention)
 
@@ -284,7 +296,7 @@ class QuantMultiheadAttention(QuantizedLayer):
             query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
         )
         if path == PROJECTIONS:
-            return self._forward_projections(query, key_padding_mask), None
+            return self._forward_projections(query, key_padding_mask, attn_mask, is_causal), None
         return self.forward_reference(
             query,
             key,
@@ -371,18 +383,40 @@ class QuantMultiheadAttention(QuantizedLayer):
         )
 
 
-def _padding_mask_supported(
-    mask: torch.Tensor | None, query: torch.Tensor, batch_first: bool
+def _masks_supported(
+    key_padding_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    query: torch.Tensor,
+    batch_first: bool,
+    num_heads: int,
 ) -> bool:
-    """Return True when ``mask`` is absent or a (batch, length) bool or float32 CPU tensor."""
-    if mask is None:
-        return True
-    batch, length = (0, 1) if batch_first else (1, 0)
-    return (
-        mask.dtype in (torch.bool, torch.float32)
-        and mask.is_cpu
-        and mask.shape == (query.shape[batch], query.shape[length])
-    )
+    """Return True when the projections path can apply these masks as the reference does.
+
+    Each mask is absent or a bool or float32 CPU tensor: ``key_padding_mask`` of shape
+    (batch, length), ``attn_mask`` of shape (length, length) or (batch * num_heads, length,
+    length). ``is_causal`` needs ``attn_mask``, as in torch, where the reference raises without it.
+    """
+    batch, length = (query.shape[0], query.shape[1])
+    if not batch_first:
+        batch, length = length, batch
+    masks = [(key_padding_mask, [(batch, length)])]
+    masks.append((attn_mask, [(length, length), (batch * num_heads, length, length)]))
+    for mask, shapes in masks:
+        if mask is None:
+            continue
+        if mask.dtype not in (torch.bool, torch.float32) or not mask.is_cpu:
+            return False
+        if tuple(mask.shape) not in shapes:
+            return False
+    return attn_mask is not None or not is_causal
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return ``mask`` as scores to add: -inf at True entries of a bool mask, else ``mask``."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
 class CastMultiheadAttention(CastLayer):
