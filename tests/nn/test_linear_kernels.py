@@ -903,6 +903,35 @@ def test_cache_rebuilt_after_in_place_change() -> None:
 
 
 @needs_fbgemm_dynamic
+def test_cache_rebuilt_after_buffer_assignment() -> None:
+    layer = make_layer(INT8_PER_CHANNEL, "dynamic", bias=False, seed=67)
+    x = random_input((2, IN_FEATURES), seed=68)
+    before = layer(x)
+
+    layer.weight_scale = layer.weight_scale * 2
+    after = layer(x)
+
+    assert torch.allclose(after, 2 * before, rtol=1e-5, atol=1e-6)
+
+
+@needs_fbgemm_static
+def test_cache_follows_static_input_scale() -> None:
+    # The static qparams are read once per packed weight, so an in-place change must reach it.
+    layer = make_layer(INT8_PER_CHANNEL, "static", seed=69)
+    x = random_input((2, IN_FEATURES), seed=70)
+    layer(x)
+
+    with torch.no_grad():
+        layer.input_scale.mul_(2)
+    output = layer(x)
+    expected = layer.forward_reference(x)
+
+    assert layer.kernel_for(x) == FBGEMM
+    message = within(output, expected, fbgemm_tolerance(x, layer, float(layer.input_scale)))
+    assert message is None, message
+
+
+@needs_fbgemm_dynamic
 def test_cache_rebuilt_after_to() -> None:
     layer = make_layer(INT8_PER_CHANNEL, "dynamic", seed=63)
     x = random_input((2, IN_FEATURES), seed=64)

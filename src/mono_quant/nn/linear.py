@@ -108,6 +108,11 @@ _PER_TOKEN_QUANT_MAX = DYNAMIC_SPEC.quant_max
 _CENTER = 128
 
 
+# The active quantized engine as a number, in one C call; torch.backends.quantized.engine maps
+# the same number to a name in Python.
+_GET_QENGINE = getattr(torch._C, "_get_qengine", None)
+
+
 class QuantLinear(QuantizedLayer):
     """``nn.Linear`` with an integer weight; floats in, floats out.
 
@@ -268,21 +273,6 @@ class QuantLinear(QuantizedLayer):
     # -----------------------------------------------------------------------------------------
     # Dispatch
 
-    def _fast_path_allowed(self, x: torch.Tensor) -> bool:
-        return (
-            fast_kernels_enabled()
-            and x.dtype in _FAST_DTYPES
-            and x.is_cpu
-            and self._buffers["weight_codes"].is_cpu
-            and x.dim() >= 1
-            and x.shape[-1] == self.in_features > 0
-            and x.numel() > 0
-            # The kernels have no backward, and the workspace is overwritten by the next layer.
-            # Quantized inputs carry no gradient on the reference path either (rounding to
-            # integer codes cuts the graph), so only weight-only layers need the reference.
-            and not (self.activations is None and x.requires_grad and torch.is_grad_enabled())
-        )
-
     def _scales_by_row(self) -> bool:
         """Return True when each scale covers (part of) one output row, as the kernels expect."""
         spec = self.weight_spec
@@ -322,10 +312,48 @@ class QuantLinear(QuantizedLayer):
         )
 
     def _plan(self, x: torch.Tensor) -> tuple[str, Any]:
-        """Return the path for ``x`` and what it needs (a packed weight), packing on first use."""
-        if not self._fast_path_allowed(x) or not self._scales_by_row():
+        """Return the path for ``x`` and what it needs (a packed weight), packing on first use.
+
+        The decision is kept for the next call with the same dtype, row count and quantized
+        engine while the buffers stay unchanged, because working it out again costs 5 us of
+        Python warm and tens of us after a large matmul has evicted the CPU caches.
+        """
+        # Checked inline: each Python call costs microseconds when the CPU caches are cold.
+        # The kernels have no backward, and the workspace is overwritten by the next layer.
+        # Quantized inputs carry no gradient on the reference path either (rounding to integer
+        # codes cuts the graph), so only weight-only layers need the reference for autograd.
+        buffers = self._buffers
+        in_features = self.in_features
+        if not (
+            x.dtype in _FAST_DTYPES
+            and x.is_cpu
+            and x.dim() >= 1
+            and x.shape[-1] == in_features > 0
+            and x.numel() > 0
+            and not (self.activations is None and x.requires_grad and torch.is_grad_enabled())
+            and fast_kernels_enabled()
+            and buffers["weight_codes"].is_cpu
+            and self._scales_by_row()
+        ):
             return REFERENCE, None
-        rows = x.numel() // self.in_features
+        rows = x.numel() // in_features
+        sources = (
+            buffers["weight_codes"],
+            buffers["weight_scale"],
+            buffers["weight_zero_point"],
+            buffers["bias"],
+            buffers.get("input_scale"),
+            buffers.get("input_zero_point"),
+        )
+        get_engine = _GET_QENGINE
+        key = (x.dtype, rows, get_engine() if get_engine is not None else fbgemm_engine())
+        decision = self._kernels.recall(key, sources)
+        if decision is None:
+            decision = self._decide(x, rows)
+            self._kernels.remember(key, sources, decision)
+        return decision
+
+    def _decide(self, x: torch.Tensor, rows: int) -> tuple[str, Any]:
         weight_numel = self.in_features * self.out_features
         if x.dtype == torch.float32 and dense_applies(weight_numel, rows * weight_numel):
             return DENSE, self._dense_weight()

@@ -11,6 +11,11 @@ import torch
 _Sources = Sequence[torch.Tensor | None]
 
 
+def tensor_versions(sources: _Sources) -> tuple[int, ...]:
+    """Return the version counter of each tensor, -1 for None and for inference tensors."""
+    return tuple(-1 if tensor is None else _version(tensor) for tensor in sources)
+
+
 def _version(tensor: torch.Tensor) -> int:
     # Tensors made under torch.inference_mode have no version counter; identity still applies.
     try:
@@ -34,6 +39,8 @@ class KernelCache:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[tuple[Any, ...], Any]] = {}
+        # The last dispatch decision of the layer (see ``remember``), dropped with the entries.
+        self._decision: tuple[Any, ...] | None = None
 
     @staticmethod
     def _signature(sources: _Sources) -> tuple[Any, ...]:
@@ -71,8 +78,29 @@ class KernelCache:
         return value
 
     def clear(self) -> None:
-        """Drop every entry."""
+        """Drop every entry and the remembered decision."""
         self._entries.clear()
+        self._decision = None
+
+    def remember(self, key: tuple[Any, ...], sources: _Sources, decision: Any) -> None:
+        """Keep ``decision`` for calls with ``key`` while ``sources`` stay unchanged.
+
+        Unlike the entries, this holds the sources themselves, so it is checked with ``is``
+        and version counters alone. A replaced buffer stays alive until the next decision.
+        """
+        self._decision = (key, tuple(sources), tensor_versions(sources), decision)
+
+    def recall(self, key: tuple[Any, ...], sources: _Sources) -> Any | None:
+        """Return the decision kept for ``key`` if ``sources`` are the same, unchanged tensors."""
+        kept = self._decision
+        if kept is None or kept[0] != key:
+            return None
+        for old, new in zip(kept[1], sources, strict=True):
+            if old is not new:
+                return None
+        if kept[2] != tensor_versions(sources):
+            return None
+        return kept[3]
 
     def __len__(self) -> int:
         return len(self._entries)
