@@ -85,22 +85,22 @@ class KernelCache:
     def remember(self, key: tuple[Any, ...], sources: _Sources, decision: Any) -> None:
         """Keep ``decision`` for calls with ``key`` while ``sources`` stay unchanged.
 
-        Unlike the entries, this holds the sources themselves, so it is checked with ``is``
+        Unlike the entries, this keeps references to the sources, so it is checked with ``is``
         and version counters alone. A replaced buffer stays alive until the next decision.
         """
         self._decision = (key, tuple(sources), tensor_versions(sources), decision)
 
     def recall(self, key: tuple[Any, ...], sources: _Sources) -> Any | None:
         """Return the decision kept for ``key`` if ``sources`` are the same, unchanged tensors."""
-        kept = self._decision
-        if kept is None or kept[0] != key:
+        remembered = self._decision
+        if remembered is None or remembered[0] != key:
             return None
-        for old, new in zip(kept[1], sources, strict=True):
+        for old, new in zip(remembered[1], sources, strict=True):
             if old is not new:
                 return None
-        if kept[2] != tensor_versions(sources):
+        if remembered[2] != tensor_versions(sources):
             return None
-        return kept[3]
+        return remembered[3]
 
     def __len__(self) -> int:
         return len(self._entries)
