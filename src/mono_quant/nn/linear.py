@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mono_quant.core.fastpath import (
+    ROW_QPARAMS_MAX_ABS,
     checked_per_row_qparams,
-    quantize_codes,
     round_rows_to_grid,
     round_to_grid,
     static_input_grid,
@@ -75,7 +75,7 @@ from mono_quant.core.kernels.workspace import (
     unpack_codes_into,
     workspace,
 )
-from mono_quant.core.qparams import choose_qparams, min_max
+from mono_quant.core.qparams import MIN_SCALE, choose_qparams, min_max
 from mono_quant.core.quantize import quantize
 from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import (
@@ -471,9 +471,11 @@ class QuantLinear(QuantizedLayer):
         """Run fbgemm on per-token codes and apply each token's scale and zero_point after.
 
         With codes ``c``, per-token ``(s, z)`` and dequantized weight ``W``, the reference
-        computes ``s * (c - z) @ W.T``. The kernel computes ``(c - 128) @ W.T`` from the
-        centred codes; adding ``(128 - z) * W.sum(1)`` and multiplying by ``s`` gives the same
-        value up to float rounding.
+        computes ``s * (c - z) @ W.T``. The kernel gets ``x / s - (128 - z)`` with scale 1 and
+        zero_point 128, so its own rounding and clamping produce ``c`` and it computes
+        ``(c - 128) @ W.T``. Adding ``(128 - z) * W.sum(1)`` and multiplying by ``s`` gives
+        the reference value up to float rounding, and up to one code where ``x / s`` is within
+        float rounding of a tie.
 
         A single token's pair is a per_tensor pair, which the kernel takes directly, like a
         static layer's: that skips the centring and the per-token corrections.
@@ -484,20 +486,28 @@ class QuantLinear(QuantizedLayer):
             output = fbgemm_linear(x_float, scale, zero_point, packed)
             output = output.view(*x.shape[:-1], self.out_features)
             return self._add_bias(output, x.dtype)
-        qparams = checked_per_row_qparams(x_float, DYNAMIC_SPEC)
-        if qparams is not None:
-            scale, zero_point = qparams
-            centred = quantize_codes(x_float, scale, zero_point, DYNAMIC_SPEC).sub_(_CENTER)
+        # Each token's pair, with the operations of choose_qparams in a shorter order: the
+        # scale may differ in its last bit, which moves the output by float rounding only.
+        levels = DYNAMIC_SPEC.quant_max - DYNAMIC_SPEC.quant_min
+        low = x_float.amin(dim=-1, keepdim=True).clamp_max_(0.0)
+        high = x_float.amax(dim=-1, keepdim=True).clamp_min_(0.0)
+        scale = high.sub_(low).div_(levels).clamp_min_(MIN_SCALE)
+        # NaN fails the comparison too.
+        if float(scale.max()) <= ROW_QPARAMS_MAX_ABS / levels:
+            # shift is 128 - zero_point. The kernel rounds x / scale - shift, adds 128 and
+            # clamps to [0, 255], which gives the token's codes; it returns them less 128.
+            shift = torch.div(low, scale).round_().add_(_CENTER)
+            centred = torch.div(x_float, scale).sub_(shift)
         else:
             # NaN, infinity or huge values: the reference functions raise or cap as usual.
             scale, zero_point = choose_qparams(*min_max(x_float, DYNAMIC_SPEC), DYNAMIC_SPEC)
             codes = quantize(x_float, scale, zero_point, DYNAMIC_SPEC)
             centred = codes.to(torch.float32).sub_(_CENTER)
             scale = scale.to(torch.float32).unsqueeze(-1)
-            zero_point = zero_point.to(torch.float32).unsqueeze(-1)
+            shift = _CENTER - zero_point.to(torch.float32).unsqueeze(-1)
         output = fbgemm_linear(centred, 1.0, _CENTER, packed)
 
-        output.addcmul_(_CENTER - zero_point, self._weight_row_sums())
+        output.addcmul_(shift, self._weight_row_sums())
         output.mul_(scale)
         output = output.view(*x.shape[:-1], self.out_features)
         return self._add_bias(output, x.dtype)
