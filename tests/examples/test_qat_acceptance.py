@@ -17,6 +17,10 @@ from mono_quant.lightning import QuantizeCallback
 
 FLOAT_EPOCHS = 10
 QAT_EPOCHS = 5
+# 2-bit weights need longer: on a Xeon with AMX, 5 epochs reached 96.1% against 98.3% float
+# (seed 0), where the CPUs of earlier runs reached within 1.1 points. Float kernels differ by
+# CPU, so one seed's training path does too; 10 epochs reached 97.8% on the AMX machine.
+TWO_BIT_QAT_EPOCHS = 10
 REGRESSION_EPOCHS = 15
 
 
@@ -44,12 +48,12 @@ def float_digits() -> tuple[DigitsCNN, QuantizeCallback]:
     return model, ptq
 
 
-def _fine_tune_qat(model: DigitsCNN, **kwargs) -> QuantizeCallback:
+def _fine_tune_qat(model: DigitsCNN, epochs: int = QAT_EPOCHS, **kwargs) -> QuantizeCallback:
     L.seed_everything(0, verbose=False)
     qat_model = copy.deepcopy(model)
     qat_model.hparams.lr = 1e-3
     callback = QuantizeCallback(mode="qat", verbose=False, save_model=False, **kwargs)
-    _trainer(QAT_EPOCHS, [callback]).fit(qat_model, datamodule=DigitsDataModule())
+    _trainer(epochs, [callback]).fit(qat_model, datamodule=DigitsDataModule())
     return callback
 
 
@@ -64,7 +68,7 @@ def test_digits_two_bit_qat_within_two_points(float_digits) -> None:
     model, ptq = float_digits
     float_accuracy = ptq.report.float_metrics["accuracy"]
 
-    qat = _fine_tune_qat(model, bits=2, granularity="per_tensor")
+    qat = _fine_tune_qat(model, TWO_BIT_QAT_EPOCHS, bits=2, granularity="per_tensor")
 
     accuracy = qat.report.quantized_metrics["accuracy"]
     assert accuracy >= float_accuracy - 0.02, (float_accuracy, accuracy)
