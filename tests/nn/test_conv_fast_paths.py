@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -515,3 +516,22 @@ def test_int8_saturating_codes_exact() -> None:
     torch.testing.assert_close(
         output, torch.full_like(output, expected), rtol=2 * FLOAT32_EPS, atol=0.0
     )
+
+
+@needs_int8
+def test_copy_and_pickle_after_an_int8_call() -> None:
+    # The plan then holds oneDNN's packed weight, an opaque tensor that cannot be copied.
+    layer = _layer(
+        nn.Conv2d, {"in_channels": 16, "out_channels": 64, "kernel_size": 3}, activations="static"
+    )
+    x = _input((8, 16, 32, 32))
+    with torch.no_grad():
+        assert layer.kernel_for(x) == "int8"
+        expected = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(layer)(x), expected)
+        assert torch.equal(restored(x), expected)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -82,6 +83,18 @@ class BufferPlan:
             if built is not now:
                 return False
         return self.versions == tensor_versions(sources)
+
+    # A plan may hold prepacked weights (oneDNN's opaque tensors), which can be neither copied
+    # nor pickled. Copies and unpickled modules get None and build their own plan on first use.
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return (_no_plan, ())
+
+
+def _no_plan() -> None:
+    return None
 
 
 def static_input_grid(
