@@ -16,6 +16,7 @@ from mono_quant.core.spec import QuantSpec
 from mono_quant.io.read import read_artifact
 from mono_quant.nn.attention import disable_fused_transformer_paths
 from mono_quant.nn.cast import CAST_DTYPES
+from mono_quant.nn.chain import plan_int8_chains
 from mono_quant.nn.parametrized import quantize_parameter
 from mono_quant.nn.quantized import QuantizedLayer
 from mono_quant.nn.registry import cast_counterpart, quantized_counterpart
@@ -390,6 +391,7 @@ def rebuild_quantized_layers(
             raise ValueError(_layer_message(name, error)) from None
     _tie_shared_tensors(model, state_dict)
     disable_fused_transformer_paths(model)
+    plan_int8_chains(model)
     _set_loaded_state(model, config, rows)
     return model
 

@@ -6,6 +6,7 @@ from mono_quant.nn.attention import (
     disable_fused_transformer_paths,
 )
 from mono_quant.nn.cast import CastLayer
+from mono_quant.nn.chain import QuantSequential, plan_int8_chains
 from mono_quant.nn.conv import QuantConv1d, QuantConv2d, QuantConv3d
 from mono_quant.nn.conv_transpose import (
     QuantConvTranspose1d,
@@ -50,11 +51,13 @@ __all__ = [
     "QuantLSTM",
     "QuantLinear",
     "QuantMultiheadAttention",
+    "QuantSequential",
     "QuantizedLayer",
     "QuantizedParameter",
     "calibrates_input",
     "cast_counterpart",
     "disable_fused_transformer_paths",
+    "plan_int8_chains",
     "quantize_parameter",
     "quantized_counterpart",
     "share_parameter",

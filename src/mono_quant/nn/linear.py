@@ -278,6 +278,17 @@ class QuantLinear(QuantizedLayer):
         spec = self.weight_spec
         return spec.granularity != "per_channel" or spec.axis in (0, -2)
 
+    def packed_int8_weight(self) -> Any | None:
+        """Return the fbgemm-packed weight (bias included) of a static int8 layer, or None.
+
+        None where the layer's inputs are not static, or where the active engine has no exact
+        int8 kernel. :class:`mono_quant.nn.QuantSequential` passes 8-bit codes to it.
+        """
+        if self.activations != "static":
+            return None
+        plan = self._fbgemm_plan()
+        return None if plan is None else plan[0]
+
     def _fbgemm_plan(self) -> Any | None:
         """Return the packed fbgemm weight when this layer's inputs go through fbgemm."""
         if self.activations == "static":

@@ -19,6 +19,7 @@ from mono_quant.core.spec import QuantSpec
 from mono_quant.nn.activation import ActivationMode
 from mono_quant.nn.attention import disable_fused_transformer_paths
 from mono_quant.nn.cast import CAST_DTYPES, CastLayer
+from mono_quant.nn.chain import plan_int8_chains
 from mono_quant.nn.observed import ObservedLayer
 from mono_quant.nn.parametrized import quantize_parameter, share_parameter
 from mono_quant.nn.quantized import QuantizedLayer
@@ -335,7 +336,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     :func:`mono_quant.nn.quantize_parameter`). A float tensor shared by several selected layers
     (an embedding tied to its output head) is quantized once and stored once. Transformer layers
     with fused inference paths are switched to their unfused path, which calls the quantized
-    submodules.
+    submodules. Plain ``nn.Sequential`` containers with static int8 layers in a row become
+    :class:`mono_quant.nn.QuantSequential`, which passes int8 codes between those layers.
 
     Layers kept in float are listed with the reason in :func:`quantization_report` and logged;
     a selected layer that received no calibration input also raises a warning.
@@ -394,6 +396,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     switched = disable_fused_transformer_paths(model)
     if switched:
         log.info("Switched %s to their unfused path, which calls quantized layers.", switched)
+    chained = plan_int8_chains(model)
+    if chained:
+        log.info("Containers %s pass int8 codes between their static int8 layers.", chained)
 
     unreached = [row.name for row in report.layers if row.reason.startswith("received no input")]
     if unreached:

@@ -15,6 +15,7 @@ from torch import nn
 from mono_quant.config import QuantConfig, resolve_config
 from mono_quant.core.observers import make_observer
 from mono_quant.nn.activation import STATIC_SPEC
+from mono_quant.nn.chain import plan_int8_chains
 from mono_quant.nn.fake_quant import FakeQuantize
 from mono_quant.nn.qat import (
     CONV_BN_PATTERNS,
@@ -320,6 +321,7 @@ def convert_qat(model: nn.Module) -> nn.Module:
             f"layers {untrained} stay in float: their input ranges were never observed.",
             stacklevel=2,
         )
+    plan_int8_chains(converted)
     set_state(
         converted, QuantizationState(config=state.config, decisions=state.decisions, report=report)
     )
