@@ -291,3 +291,24 @@ def test_deterministic_mode_takes_the_per_layer_path(quantized, digits) -> None:
     with torch.no_grad():
         assert quantized.kernel_for(x) == "layers"
         assert torch.equal(quantized(x), per_layer(x))
+
+
+def test_integer_input_raises_type_error(quantized, digits) -> None:
+    x = (digits[0][:4] * 16).long()
+
+    with torch.no_grad(), pytest.raises(TypeError, match=r"QuantConv2d '0'.*x\.float\(\)"):
+        quantized(x)
+
+
+@needs_kernels
+def test_shape_error_is_the_float_models(quantized, trained) -> None:
+    # A 10x10 image passes the convolutions but not the Flatten -> Linear step.
+    x = torch.randn(2, 1, 10, 10)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError) as expected:
+            trained(x)
+        with pytest.raises(RuntimeError) as raised:
+            quantized(x)
+
+    assert str(raised.value) == str(expected.value)
+    assert raised.value.__context__ is None

@@ -295,6 +295,12 @@ class QuantizedLayer(nn.Module):
         """
         if self.activations is None:
             return x
+        if not x.is_floating_point():
+            # Rounding an integer tensor onto the grid would silently return zeros.
+            raise TypeError(
+                f"the input of {self.describe()} is {x.dtype}, but quantized layers take "
+                "floating-point inputs; convert it with x.float()."
+            )
         if self.activations == "dynamic":
             if per_tensor:
                 return dynamic_quantize(x, STATIC_SPEC)
