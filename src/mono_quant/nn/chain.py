@@ -100,7 +100,10 @@ class QuantSequential(nn.Sequential):
         """Return the child names of each int8 chain, whatever the input.
 
         The list is empty where no chain applies on this machine (no exact int8 kernels) or in
-        this container (fewer than two static int8 layers in a row).
+        this container. A chain needs two or more static int8 layers in a row, not counting a
+        final convolution: no int8 convolution here returns float, so a run that ends in one
+        stops before it. Convolutions with string padding (``"same"``) or a padding mode other
+        than ``"zeros"`` end a run as well.
         """
         plan = self._current_plan()
         names = list(self._modules)
@@ -241,7 +244,7 @@ class _Run:
     def accepts(self, x: torch.Tensor) -> bool:
         """Return True when ``x`` is float32 with the rank and width of the first layer.
 
-        Other inputs take the per-layer path, whose layers raise errors that name them.
+        Other inputs take the per-layer path, which raises the errors of the float layers.
         """
         ranks, axis, width = self._accepts
         return x.dtype == torch.float32 and x.dim() in ranks and x.shape[axis] == width
@@ -250,11 +253,13 @@ class _Run:
         try:
             return self._run(x)
         except RuntimeError:
-            # A shape the kernels reject (say, a Flatten that does not match the next layer):
-            # the per-layer path raises the error with the layer's name.
-            for child in children[self.start : self.end]:
-                x = child(x)
-            return x
+            # A shape the kernels reject (say, a Flatten that does not match the next layer).
+            # The per-layer path below then raises the error the float model would raise,
+            # outside this handler so that the kernel's own message does not precede it.
+            pass
+        for child in children[self.start : self.end]:
+            x = child(x)
+        return x
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.input_qparams
