@@ -104,6 +104,7 @@ def test_default_callback_quantizes_at_fit_end(tmp_path: Path) -> None:
 
     assert isinstance(callback.quantized_model.net[1], QuantizedLayer)
     assert callback.quantized_model.net[1].activations == "static"
+    assert not callback.quantized_model.training, "the quantized copy serves inference"
     assert type(model.net[1]) is nn.Linear, "the trainer's model must stay float"
     assert trainer.lightning_module is model
     summary = callback.report.summary()

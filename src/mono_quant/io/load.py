@@ -429,8 +429,9 @@ def load(path: str | os.PathLike[str], model: nn.Module, inplace: bool = False) 
     ``model`` is a float model of the same architecture as the one that was quantized, for
     example freshly constructed: its weights are replaced by the saved ones, so only its
     structure matters. The file is read with ``torch.load(weights_only=True)`` and never runs
-    pickled code. The result computes exactly the outputs of the model that was saved, also in
-    another process, and ``mono_quant.quantization_report`` works on it.
+    pickled code. In the same mode (the result keeps ``model``'s training flag, so call
+    ``.eval()`` for inference), the result computes exactly the outputs of the model that was
+    saved, also in another process, and ``mono_quant.quantization_report`` works on it.
 
     Args:
         path: file written by :func:`mono_quant.save` or ``QuantizeCallback``.

@@ -341,6 +341,9 @@ class QuantizeCallback(Callback):
         # model's metric objects, so trainer.test(quantized_model) could not log them.
         if hasattr(quantized, "_metric_attributes"):
             quantized._metric_attributes = None
+        # The quantized copy serves inference; a copy taken during fit starts in training mode,
+        # where Dropout would be active and int8 chains would not run.
+        quantized.eval()
         self.quantized_model = quantized  # type: ignore[assignment]
         self.layer_report = quantization_report(quantized)
 
