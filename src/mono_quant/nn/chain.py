@@ -11,8 +11,8 @@ in between. An int8 chain instead:
 3. pools and flattens the 8-bit codes (max pooling commutes with rounding, so this is exact);
 4. returns float from the last linear layer, or dequantizes before a final convolution.
 
-On the digits CNN (batch 64, 2 threads, AVX512-VNNI) this took the quantized model from 0.75x
-to about 2.6x the float model; see docs/benchmarks.md for the current figures.
+On the digits CNN at batch 64 (1 thread, a 2-core Intel Xeon with AMX) this took the quantized
+model from 0.92x to 2.34x the speed of the float model. docs/benchmarks.md has the figures.
 
 NOTE: the result can differ from the per-layer reference by one code of a layer's input grid
 where a value lies within float rounding of a tie between two codes (the kernels multiply by
