@@ -27,8 +27,9 @@ def random_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 @pytest.fixture
 def no_native_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dispatch as on a CPU without bfloat16 dot products, where bfloat16 also upcasts."""
+    """Dispatch as on a CPU without 16-bit float arithmetic, where both 16-bit dtypes upcast."""
     monkeypatch.setattr(cast_module, "has_native_bfloat16", lambda: False)
+    monkeypatch.setattr(cast_module, "has_native_float16", lambda: False)
 
 
 def cast_tolerance(x: torch.Tensor, layer: CastLayer) -> torch.Tensor:
@@ -106,6 +107,24 @@ def test_native_bfloat16_uses_reference(monkeypatch: pytest.MonkeyPatch) -> None
     layer = CastLayer(float_linear(seed=6), torch.bfloat16).requires_grad_(False)
 
     assert layer.kernel_for(random_input((64, IN_FEATURES), seed=7)) == REFERENCE
+
+
+def test_native_float16_linear_uses_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cast_module, "has_native_float16", lambda: True)
+    monkeypatch.setattr(cast_module, "NATIVE_FLOAT16_MIN_WEIGHT", 1)
+    layer = CastLayer(float_linear(seed=6), torch.float16).requires_grad_(False)
+    x = random_input((64, IN_FEATURES), seed=7)
+
+    assert layer.kernel_for(x) == REFERENCE
+    assert torch.equal(layer(x), layer.forward_reference(x))
+
+
+def test_native_float16_small_linear_uses_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cast_module, "has_native_float16", lambda: True)
+    layer = CastLayer(float_linear(seed=6), torch.float16).requires_grad_(False)
+
+    assert layer.module.weight.numel() < cast_module.NATIVE_FLOAT16_MIN_WEIGHT
+    assert layer.kernel_for(random_input((64, IN_FEATURES), seed=7)) == WORKSPACE
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,11 @@ def has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
+def has_native_float16() -> bool:
+    """Return True when the CPU computes float16 arithmetic in hardware (AVX512_FP16, AMX-FP16)."""
+    return bool({"avx512_fp16", "amx_fp16"} & cpu_flags())
+
+
 def has_native_bfloat16() -> bool:
     """Return True when the CPU computes bfloat16 dot products in hardware (AVX512_BF16, AMX)."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
