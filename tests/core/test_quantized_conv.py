@@ -15,6 +15,8 @@ from mono_quant.core.kernels.quantized_conv import (
 )
 
 ENGINE = fbgemm_engine()
+# Lightning tests earlier in a run leave torch.use_deterministic_algorithms(True) on.
+pytestmark = pytest.mark.usefixtures("nondeterministic_algorithms")
 needs_kernels = pytest.mark.skipif(
     ENGINE is None or not quantized_conv2d_exact(ENGINE) or not fbgemm_exact(255, ENGINE),
     reason="exact int8 kernels need the fbgemm or x86 engine on a VNNI CPU",
@@ -23,16 +25,6 @@ INPUT_SCALE, INPUT_ZERO_POINT = 0.03, 7
 # The kernels may land one code away from exact rounding where a value lies within float32
 # rounding of a tie. On random data that happens to a small fraction of the outputs.
 MAX_MISMATCH_FRACTION = 0.01
-
-
-@pytest.fixture(autouse=True)
-def nondeterministic_algorithms():
-    # Lightning tests earlier in the run leave torch.use_deterministic_algorithms(True) on,
-    # under which torch refuses the int8 linear with an 8-bit output.
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    yield
-    torch.use_deterministic_algorithms(previous)
 
 
 def _codes(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

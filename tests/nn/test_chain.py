@@ -18,20 +18,12 @@ from mono_quant.nn import QuantSequential, plan_int8_chains
 from mono_quant.transform.qat import convert_qat, prepare_qat
 
 ENGINE = fbgemm_engine()
+# Lightning tests earlier in a run leave torch.use_deterministic_algorithms(True) on.
+pytestmark = pytest.mark.usefixtures("nondeterministic_algorithms")
 needs_kernels = pytest.mark.skipif(
     ENGINE is None or not quantized_conv2d_exact(ENGINE) or not fbgemm_exact(255, ENGINE),
     reason="int8 chains need the fbgemm or x86 engine on a VNNI CPU",
 )
-
-
-@pytest.fixture(autouse=True)
-def nondeterministic_algorithms():
-    # Lightning tests earlier in the run leave torch.use_deterministic_algorithms(True) on,
-    # under which torch refuses the int8 linear with an 8-bit output.
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    yield
-    torch.use_deterministic_algorithms(previous)
 
 
 def _cnn() -> nn.Sequential:

@@ -75,19 +75,33 @@ def pack_int8_weight(
         return None
     bias = None if bias is None else bias.detach().float().contiguous()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_CREATION_WARNING, category=UserWarning)
-            if scale.dim() == 0:
-                weight = torch._make_per_tensor_quantized_tensor(
-                    codes.contiguous(), float(scale), int(zero_point)
-                )
-            else:
-                weight = torch._make_per_channel_quantized_tensor(
-                    codes.contiguous(), scale.double(), zero_point.long(), 0
-                )
-            return torch.ops.quantized.linear_prepack(weight, bias)
+        weight = quantized_weight(codes, scale, zero_point)
+        return torch.ops.quantized.linear_prepack(weight, bias)
     except (RuntimeError, NotImplementedError):
         return None
+
+
+def quantized_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+) -> torch.Tensor:
+    """Return int8 ``codes`` as a qint8 tensor for the prepack operators.
+
+    One ``scale`` element makes it per_tensor; otherwise there is one scale and zero_point per
+    slice along dim 0 (per_channel).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CREATION_WARNING, category=UserWarning)
+        if scale.numel() == 1:
+            return torch._make_per_tensor_quantized_tensor(
+                codes.contiguous(), float(scale), int(zero_point)
+            )
+        channels = scale.numel()
+        return torch._make_per_channel_quantized_tensor(
+            codes.contiguous(),
+            scale.reshape(channels).double(),
+            zero_point.reshape(channels).long(),
+            0,
+        )
 
 
 def fbgemm_linear(

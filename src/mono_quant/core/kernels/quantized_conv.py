@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mono_quant.core.kernels.cpu import has_vnni
-from mono_quant.core.kernels.fbgemm import FBGEMM_ENGINES, direct_op
+from mono_quant.core.kernels.fbgemm import FBGEMM_ENGINES, direct_op, quantized_weight
 
 # Quantized tensor creation is deprecated in torch 2.13 but still the only way to prepack.
 _CREATION_WARNING = r".*quantized tensor creation functions"
@@ -55,23 +55,10 @@ def pack_int8_conv2d(
     """
     bias = None if bias is None else bias.detach().float().contiguous()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_CREATION_WARNING, category=UserWarning)
-            if scale.numel() == 1:
-                weight = torch._make_per_tensor_quantized_tensor(
-                    codes.contiguous(), float(scale), 0
-                )
-            else:
-                channels = scale.numel()
-                weight = torch._make_per_channel_quantized_tensor(
-                    codes.contiguous(),
-                    scale.reshape(channels).double(),
-                    torch.zeros(channels, dtype=torch.long),
-                    0,
-                )
-            return torch.ops.quantized.conv2d_prepack(
-                weight, bias, list(stride), list(padding), list(dilation), groups
-            )
+        weight = quantized_weight(codes, scale, torch.zeros_like(scale, dtype=torch.int32))
+        return torch.ops.quantized.conv2d_prepack(
+            weight, bias, list(stride), list(padding), list(dilation), groups
+        )
     except (RuntimeError, NotImplementedError):
         return None
 
