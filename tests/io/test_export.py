@@ -97,6 +97,21 @@ def test_export_dynamic_activations_raise(tmp_path) -> None:
     assert not (tmp_path / "model.pt2").exists()
 
 
+def test_export_packed_embedding_names_override(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 16))
+    tokens = torch.randint(0, 100, (2, 5))
+    quantized = mq.quantize(model, "w4")
+
+    with pytest.raises(ValueError, match=r"Embeddings \['0'\] store codes in fewer than 8 bits"):
+        mq.export(quantized, (tokens,), tmp_path / "w4.pt2")
+
+    # The override that the message suggests makes the model export.
+    config = mq.QuantConfig(bits=4, group_size=32, overrides={"0": {"bits": 8}})
+    path = mq.export(mq.quantize(model, config), (tokens,), tmp_path / "w8.pt2")
+    assert path.exists()
+
+
 def test_export_restores_training_flags(tmp_path) -> None:
     quantized = _quantized("w8").train()
 

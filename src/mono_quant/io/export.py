@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from mono_quant.core.kernels import reference_kernels
-from mono_quant.nn.quantized import QuantizedLayer
+from mono_quant.nn.embedding import QuantEmbedding, QuantEmbeddingBag
+from mono_quant.nn.quantized import QuantizedLayer, container_bits
 
 
 def _as_args(example_inputs: Any) -> tuple[Any, ...]:
@@ -43,6 +44,15 @@ def _dynamic_layers(model: nn.Module) -> list[str]:
         name
         for name, module in model.named_modules()
         if isinstance(module, QuantizedLayer) and module.activations == "dynamic"
+    ]
+
+
+def _packed_embeddings(model: nn.Module) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (QuantEmbedding, QuantEmbeddingBag))
+        and container_bits(module.weight_spec.bits) < 8
     ]
 
 
@@ -84,13 +94,20 @@ def export(
             program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
         except Exception as error:
             dynamic = _dynamic_layers(model)
-            hint = (
-                f" Layers {dynamic} use dynamic activations, whose qparams are computed with a "
-                "data-dependent check that torch.export cannot trace; export a static (w8a8) or "
-                "weight-only model instead."
-                if dynamic
-                else ""
-            )
+            packed = _packed_embeddings(model)
+            hint = ""
+            if dynamic:
+                hint += (
+                    f" Layers {dynamic} use dynamic activations, whose qparams are computed "
+                    "with a data-dependent check that torch.export cannot trace; export a "
+                    "static (w8a8) or weight-only model instead."
+                )
+            if packed:
+                hint += (
+                    f" Embeddings {packed} store codes in fewer than 8 bits, whose row lookup "
+                    "torch.export cannot trace (torch 2.13); keep them at 8 bits, for example "
+                    f"with QuantConfig(overrides={{{packed[0]!r}: {{'bits': 8}}}})."
+                )
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ValueError(
                 f"torch.export could not trace {type(model).__name__} "
