@@ -12,14 +12,17 @@ in between. An int8 chain instead:
 4. returns float from the last linear layer, or dequantizes before a final convolution.
 
 On the digits CNN at batch 64 (1 thread, a 2-core Intel Xeon with AMX) this took the quantized
-model from 0.92x to 2.34x the speed of the float model. docs/benchmarks.md has the figures.
+model from 0.92x to 1.9-2.3x the speed of the float model over four benchmark runs.
+docs/benchmarks.md has the figures.
 
-NOTE: the result can differ from the per-layer reference by one code of a layer's input grid
-where a value lies within float rounding of a tie between two codes (the kernels multiply by
-``1 / scale`` and round the bias to int32; see :mod:`mono_quant.core.kernels.quantized_conv`).
+NOTE: the result can differ from the per-layer reference by one code of a layer's input grid.
+That happens where a value lies within float rounding of a tie between two codes, because the
+kernels multiply by ``1 / scale`` and round the bias to int32 (see
+:mod:`mono_quant.core.kernels.quantized_conv`).
+
 The chain runs only where the int8 kernels are exact (fbgemm or x86 engine, VNNI), in
-inference, on float32 CPU inputs, while no module of the run has hooks, and, for runs with a
-linear layer before the last, while ``torch.use_deterministic_algorithms`` is off; otherwise
+inference, on float32 CPU inputs, and while no module of the run has hooks. A run with a
+linear layer before its last also needs ``torch.use_deterministic_algorithms`` off. Otherwise
 every child runs as in ``nn.Sequential``.
 """
 
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_state
 
-from mono_quant.core.fastpath import BufferPlan, fast_paths_enabled, tensor_versions
+from mono_quant.core.fastpath import BufferPlan, fast_paths_enabled
 from mono_quant.core.kernels.fbgemm import FBGEMM_ENGINES, fbgemm_linear
 from mono_quant.core.kernels.quantized_conv import (
     pack_int8_conv2d,
@@ -41,20 +44,13 @@ from mono_quant.core.kernels.quantized_conv import (
 )
 from mono_quant.nn.conv import QuantConv2d
 from mono_quant.nn.linear import QuantLinear
+from mono_quant.nn.quantized import QuantizedLayer
 
 CHAIN = "int8-chain"
 LAYERS = "layers"
 
 # Modules a chain passes codes through unchanged (Dropout only in eval mode).
 _PASS_THROUGH = (nn.Identity, nn.Dropout)
-_BUFFERS = (
-    "weight_codes",
-    "weight_scale",
-    "weight_zero_point",
-    "bias",
-    "input_scale",
-    "input_zero_point",
-)
 # The engine's number is a cheaper key than torch.backends.quantized.engine's string.
 _GET_QENGINE = getattr(torch._C, "_get_qengine", None)
 
@@ -125,7 +121,7 @@ class QuantSequential(nn.Sequential):
             plan is None
             or plan.children != children
             or plan.engine_key != engine_key
-            or not plan.unchanged()
+            or not plan.is_current(_sources(plan.layers))
         ):
             plan = slot.plan = _ChainPlan(children, _engine(), engine_key)
         return plan
@@ -183,8 +179,8 @@ def _has_global_hooks() -> bool:
     )
 
 
-def _sources(layers: tuple[nn.Module, ...]) -> tuple[torch.Tensor | None, ...]:
-    return tuple(layer._buffers.get(name) for layer in layers for name in _BUFFERS)
+def _sources(layers: tuple[QuantizedLayer, ...]) -> tuple[torch.Tensor | None, ...]:
+    return tuple(tensor for layer in layers for tensor in layer.buffer_sources())
 
 
 # ---- planning ----------------------------------------------------------------------------------
@@ -289,34 +285,16 @@ class _ChainPlan(BufferPlan):
 
     def __init__(self, children: tuple[nn.Module, ...], engine: str, engine_key: int | str) -> None:
         self.children = children
-        self.engine = engine
         self.engine_key = engine_key
         runs = _find_runs(children, engine)
         self.runs: list[_Run] = [run for run in runs if run is not None]
-        self.layers = tuple(
-            child
-            for run in self.runs
-            for child in children[run.start : run.end]
-            if _is_chain_layer(child)
-        )
         self.members = tuple(child for run in self.runs for child in children[run.start : run.end])
+        self.layers = tuple(child for child in self.members if _is_chain_layer(child))
         self.dropouts = tuple(child for child in self.members if isinstance(child, nn.Dropout))
         self.has_quantized_linear = any(
             step[0] == "linear" for run in self.runs for step in run.steps
         )
         super().__init__(_sources(self.layers))
-
-    def unchanged(self) -> bool:
-        """Return True while the layers hold the same buffers as at planning, unmodified."""
-        sources = self.sources
-        index = 0
-        for layer in self.layers:
-            buffers = layer._buffers
-            for name in _BUFFERS:
-                if buffers.get(name) is not sources[index]:
-                    return False
-                index += 1
-        return self.versions == tensor_versions(sources)
 
 
 def _find_runs(children: tuple[nn.Module, ...], engine: str) -> list[_Run | None]:

@@ -109,25 +109,8 @@ class _QuantConvNd(QuantizedLayer):
 
     # ---- fast paths ---------------------------------------------------------------------
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # .to() and friends replace the buffers; the plan would keep the old ones alive.
-        self.__dict__.pop("_fast_plan", None)
-        return super()._apply(fn, recurse)
-
     def _plan(self) -> _FastPlan:
-        buffers = self._buffers
-        sources = (
-            buffers["weight_codes"],
-            buffers["weight_scale"],
-            buffers["weight_zero_point"],
-            buffers["bias"],
-            buffers.get("input_scale"),
-            buffers.get("input_zero_point"),
-        )
-        plan = self.__dict__.get("_fast_plan")
-        if plan is None or not plan.is_current(sources):
-            plan = self.__dict__["_fast_plan"] = _FastPlan(self, sources)
-        return plan
+        return self._buffer_plan(self.buffer_sources(), _FastPlan)
 
     def _choose(self, x: torch.Tensor) -> tuple[str, _FastPlan | None]:
         if not fast_paths_enabled(x) or x.dtype not in WORKSPACE_DTYPES:

@@ -187,14 +187,7 @@ class QuantLinear(QuantizedLayer):
         return (buffers["weight_codes"], buffers["weight_scale"], buffers["weight_zero_point"])
 
     def _fbgemm_weight(self, engine: str) -> Any | None:
-        buffers = self._buffers
-        sources = (
-            *self._weight_sources(),
-            buffers["bias"],
-            buffers.get("input_scale"),
-            buffers.get("input_zero_point"),
-        )
-        return self._kernels.get(f"fbgemm:{engine}", sources, self._pack_fbgemm)
+        return self._kernels.get(f"fbgemm:{engine}", self.buffer_sources(), self._pack_fbgemm)
 
     def _pack_fbgemm(self) -> Any | None:
         spec = self.weight_spec
@@ -326,8 +319,8 @@ class QuantLinear(QuantizedLayer):
         """Return the path for ``x`` and what it needs (a packed weight), packing on first use.
 
         The decision is kept for the next call with the same dtype, row count and quantized
-        engine while the buffers stay unchanged, because working it out again costs 5 us of
-        Python warm and tens of us after a large matmul has evicted the CPU caches.
+        engine, as long as the buffers stay unchanged. Working it out again costs 5 us of Python
+        with warm caches, and tens of us after a large matmul has evicted the CPU caches.
         """
         # Checked inline: each Python call costs microseconds when the CPU caches are cold.
         # The kernels have no backward, and the workspace is overwritten by the next layer.
@@ -348,14 +341,7 @@ class QuantLinear(QuantizedLayer):
         ):
             return REFERENCE, None
         rows = x.numel() // in_features
-        sources = (
-            buffers["weight_codes"],
-            buffers["weight_scale"],
-            buffers["weight_zero_point"],
-            buffers["bias"],
-            buffers.get("input_scale"),
-            buffers.get("input_zero_point"),
-        )
+        sources = self.buffer_sources()
         get_engine = _GET_QENGINE
         key = (x.dtype, rows, get_engine() if get_engine is not None else fbgemm_engine())
         decision = self._kernels.recall(key, sources)

@@ -42,6 +42,9 @@ NAME_ATTRIBUTE = "_mono_quant_name"
 # Set on layers that another layer runs internally; their errors are named by that layer.
 INNER_ATTRIBUTE = "_mono_quant_inner"
 _Forward = TypeVar("_Forward", bound=Callable[..., Any])
+# Instance attribute of the plan (a BufferPlan) that convolution and recurrent layers keep.
+_PLAN_ATTRIBUTE = "_fast_plan"
+_PlanBuilder = Callable[[Any, tuple[torch.Tensor | None, ...]], Any]
 
 
 def names_layer_in_input_errors(forward: _Forward) -> _Forward:
@@ -206,6 +209,35 @@ class QuantizedLayer(nn.Module):
         unsigned = unpack_bits(packed, container_bits(self.weight_spec.bits), shape)
         signed = unsigned.to(torch.int16) + self.weight_spec.quant_min
         return signed.to(storage_dtype(self.weight_spec))
+
+    def buffer_sources(self) -> tuple[torch.Tensor | None, ...]:
+        """Return the buffers that a single-weight layer's fast paths are derived from.
+
+        They are ``weight_codes``, ``weight_scale``, ``weight_zero_point``, ``bias``,
+        ``input_scale`` and ``input_zero_point``, with None where a buffer is absent or None.
+        """
+        # Read from _buffers directly: Module.__getattr__ costs about a microsecond per call.
+        buffers = self._buffers
+        return (
+            buffers["weight_codes"],
+            buffers["weight_scale"],
+            buffers["weight_zero_point"],
+            buffers["bias"],
+            buffers.get("input_scale"),
+            buffers.get("input_zero_point"),
+        )
+
+    def _buffer_plan(self, sources: tuple[torch.Tensor | None, ...], build: _PlanBuilder) -> Any:
+        """Return the kept fast-path plan, rebuilt with ``build(self, sources)`` when stale."""
+        plan = self.__dict__.get(_PLAN_ATTRIBUTE)
+        if plan is None or not plan.is_current(sources):
+            plan = self.__dict__[_PLAN_ATTRIBUTE] = build(self, sources)
+        return plan
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to() and friends replace the buffers, and a kept plan would hold the old ones.
+        self.__dict__.pop(_PLAN_ATTRIBUTE, None)
+        return super()._apply(fn, recurse)
 
     def describe(self) -> str:
         """Return the layer's type with its name in the model, or its weight shapes."""

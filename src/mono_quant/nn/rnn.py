@@ -264,18 +264,10 @@ class _QuantRNNBase(QuantizedLayer):
 
     # ---- fast paths -------------------------------------------------------------------------
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # .to() and friends replace the buffers; the plan would keep the old ones alive.
-        self.__dict__.pop("_fast_plan", None)
-        return super()._apply(fn, recurse)
-
     def _plan(self) -> _RNNPlan:
         buffers = self._buffers
         sources = tuple(buffers[name] for name in self._plan_buffer_names())
-        plan = self.__dict__.get("_fast_plan")
-        if plan is None or not plan.is_current(sources):
-            plan = self.__dict__["_fast_plan"] = _RNNPlan(self, sources)
-        return plan
+        return self._buffer_plan(sources, _RNNPlan)
 
     def _plan_buffer_names(self) -> list[str]:
         names = self.__dict__.get("_plan_names")
