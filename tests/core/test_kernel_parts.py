@@ -283,7 +283,7 @@ def test_fbgemm_dynamic_range_exact() -> None:
 
 def test_fbgemm_static_needs_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fbgemm, "has_vnni", lambda: False)
-    # The answer is cached per engine; clear it so this CPU's answer is not reused.
+    # The result is cached per engine, so clear it to keep this CPU's result out of the test.
     fbgemm._exact.cache_clear()
     try:
         exact = fbgemm.fbgemm_exact(255)

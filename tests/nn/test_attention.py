@@ -313,7 +313,7 @@ def test_projections_attn_mask_matches_reference(
 
     assert path == PROJECTIONS
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
-    # The causal mask leaves the last position (which sees every key) unchanged only.
+    # The causal mask leaves only the last position, which attends to every key, unchanged.
     assert not torch.allclose(output[0, 0], unmasked[0, 0])
     torch.testing.assert_close(output[0, -1], unmasked[0, -1], rtol=1e-5, atol=1e-6)
 

@@ -72,7 +72,7 @@ def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return float((output - reference).norm() / reference.norm())
 
 
-def test_convert_makes_plain_sequential_a_quant_sequential(quantized) -> None:
+def test_convert_swaps_plain_sequential(quantized) -> None:
     plain = nn.Sequential(*quantized.children())
 
     assert type(quantized) is QuantSequential
@@ -118,7 +118,7 @@ def test_chain_is_deterministic_across_batch_sizes(quantized, digits) -> None:
 
 
 @needs_kernels
-def test_hooks_take_the_per_layer_path(quantized, digits) -> None:
+def test_hooks_run_layers(quantized, digits) -> None:
     images, _ = digits
     seen = []
     handle = quantized[2].register_forward_hook(lambda module, args, output: seen.append(1))
@@ -137,7 +137,7 @@ def test_hooks_take_the_per_layer_path(quantized, digits) -> None:
     "setting",
     ["reference", "grad", "float64"],
 )
-def test_other_calls_take_the_per_layer_path(quantized, digits, setting: str) -> None:
+def test_fallback_calls_run_layers(quantized, digits, setting: str) -> None:
     x = digits[0][:2]
     if setting == "reference":
         with reference_kernels():
@@ -149,7 +149,7 @@ def test_other_calls_take_the_per_layer_path(quantized, digits, setting: str) ->
 
 
 @needs_kernels
-def test_wrong_input_raises_the_layer_error(quantized) -> None:
+def test_wrong_channels_raise_float_error(quantized) -> None:
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert quantized.kernel_for(x) == "layers"
@@ -210,7 +210,7 @@ def test_dropout_chains_in_eval_only(digits) -> None:
 
 
 @needs_kernels
-def test_run_ending_in_a_convolution_hands_it_float(digits) -> None:
+def test_run_stops_before_last_conv(digits) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1),
@@ -233,7 +233,7 @@ def test_run_ending_in_a_convolution_hands_it_float(digits) -> None:
     assert _relative_error(output, reference) <= 0.1 * _relative_error(reference, floating)
 
 
-def test_sequential_subclass_and_weight_only_stay_plain(trained, digits) -> None:
+def test_subclass_and_weight_only_stay_plain(trained, digits) -> None:
     class Custom(nn.Sequential):
         pass
 
@@ -276,7 +276,7 @@ def test_qat_conversion_chains_folded_conv_bn(digits) -> None:
 
 
 @needs_kernels
-def test_deterministic_mode_takes_the_per_layer_path(quantized, digits) -> None:
+def test_deterministic_mode_runs_layers(quantized, digits) -> None:
     x = digits[0][:8]
     per_layer = nn.Sequential(*quantized.children())
     torch.use_deterministic_algorithms(True)

@@ -520,7 +520,7 @@ def test_int8_saturating_codes_exact() -> None:
 
 @needs_int8
 def test_copy_and_pickle_after_an_int8_call() -> None:
-    # The plan then holds oneDNN's packed weight, an opaque tensor that cannot be copied.
+    # The plan then contains oneDNN's packed weight, an opaque tensor that cannot be copied.
     layer = _layer(
         nn.Conv2d, {"in_channels": 16, "out_channels": 64, "kernel_size": 3}, activations="static"
     )

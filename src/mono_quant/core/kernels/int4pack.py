@@ -28,8 +28,8 @@ from mono_quant.core.kernels.int8pack import kernel_rows
 INT4PACK_MAX_ROWS = 256
 # The same for weight-only layers on CPUs with native bfloat16, where the bfloat16 workspace
 # takes the rows above it. Measured with group_size 128 on 1024x1024 and 4096x4096 layers, 1
-# and 2 threads: the kernel was ahead or level at 48 rows (1.0x to 1.36x of float32 against
-# 0.99x to 1.33x) and behind at 64 in every case (0.98x to 1.26x against 1.14x to 1.47x).
+# and 2 threads. At 48 rows the kernel was ahead or level: 1.0x to 1.36x of float32 against
+# 0.99x to 1.33x. At 64 rows it was behind in every case: 0.98x to 1.26x against 1.14x to 1.47x.
 INT4PACK_MAX_ROWS_NATIVE_BF16 = 48
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
 _OUT_FEATURES_MULTIPLE = 16
