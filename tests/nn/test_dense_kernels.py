@@ -11,9 +11,16 @@ import torch
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.core.kernels.dense import DENSE_MAX_MACS, DENSE_MAX_WEIGHT, dense_applies
+from mono_quant.core.kernels.dense import (
+    DENSE_MAX_MACS,
+    DENSE_MAX_WEIGHT,
+    DENSE_WEIGHT_ONLY_MAX_MACS,
+    dense_applies,
+    weight_only_max_macs,
+)
 from mono_quant.core.qparams import choose_qparams, min_max
 from mono_quant.core.spec import QuantSpec
+from mono_quant.nn import linear as linear_module
 from mono_quant.nn.activation import STATIC_SPEC
 from mono_quant.nn.linear import DENSE, QuantLinear
 
@@ -147,8 +154,8 @@ def test_dense_copy_follows_load_state_dict() -> None:
 def test_dense_limits_choose_other_paths() -> None:
     spec = QuantSpec(bits=8, granularity="per_channel")
     # 256 * 256 weights sit at the weight limit. 7 rows stay within the MAC limit, 8 pass it.
-    at_limit = make_layer(spec, None, in_features=256, out_features=256)
-    over_weight = make_layer(spec, None, in_features=256, out_features=257)
+    at_limit = make_layer(spec, "static", in_features=256, out_features=256)
+    over_weight = make_layer(spec, "static", in_features=256, out_features=257)
     rows_at_mac_limit = DENSE_MAX_MACS // (256 * 256)
 
     assert DENSE_MAX_WEIGHT == 256 * 256
@@ -161,6 +168,30 @@ def test_dense_applies_bounds() -> None:
     assert dense_applies(DENSE_MAX_WEIGHT, DENSE_MAX_MACS)
     assert not dense_applies(DENSE_MAX_WEIGHT + 1, 1)
     assert not dense_applies(1, DENSE_MAX_MACS + 1)
+    assert dense_applies(DENSE_MAX_WEIGHT, DENSE_WEIGHT_ONLY_MAX_MACS, weight_only_max_macs(True))
+    assert not dense_applies(1, DENSE_WEIGHT_ONLY_MAX_MACS + 1, weight_only_max_macs(True))
+    assert dense_applies(DENSE_MAX_WEIGHT, 2**40, weight_only_max_macs(False))
+    assert not dense_applies(DENSE_MAX_WEIGHT + 1, 1, weight_only_max_macs(False))
+
+
+@pytest.mark.parametrize("native_bfloat16", [True, False], ids=["native_bf16", "no_native_bf16"])
+def test_weight_only_dense_large_calls(
+    native_bfloat16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # For weight-only layers the copy runs the float model's own kernel, so it keeps calls far
+    # past DENSE_MAX_MACS; only the bfloat16 workspace takes the largest ones.
+    monkeypatch.setattr(linear_module, "has_native_bfloat16", lambda: native_bfloat16)
+    layer = make_layer(
+        QuantSpec(bits=8, granularity="per_channel"), None, in_features=256, out_features=256
+    )
+    rows_at_limit = DENSE_WEIGHT_ONLY_MAX_MACS // (256 * 256)
+    x_at_limit = random_input((rows_at_limit, 256))
+    x_over = random_input((rows_at_limit + 1, 256))
+
+    assert rows_at_limit * 256 * 256 > DENSE_MAX_MACS
+    assert layer.kernel_for(x_at_limit) == DENSE
+    assert layer.kernel_for(x_over) == (linear_module.BF16_WORKSPACE if native_bfloat16 else DENSE)
+    assert torch.equal(layer(x_at_limit), layer.forward_reference(x_at_limit))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])

@@ -77,7 +77,7 @@ def _float32_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     tests/nn/test_dense_kernels.py covers the dense path; the tests of the bfloat16 workspace
     below turn it back on.
     """
-    monkeypatch.setattr(linear_module, "dense_applies", lambda weight_numel, macs: False)
+    monkeypatch.setattr(linear_module, "dense_applies", lambda *args: False)
     monkeypatch.setattr(linear_module, "has_native_bfloat16", lambda: False)
 
 
@@ -641,6 +641,36 @@ def test_bf16_workspace_weight_equals_dequantized_weight(
 
     assert weight.dtype == torch.bfloat16
     assert torch.equal(weight, layer.dequantized_weight(torch.bfloat16))
+
+
+@pytest.mark.parametrize("spec", [INT8_PER_CHANNEL, INT8_PER_TENSOR], ids=str)
+def test_bf16_workspace_exact_codes(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Scales that factor out leave integer codes in the workspace, which bfloat16
+    # represents exactly; only the input and the output are rounded to bfloat16.
+    monkeypatch.setattr(linear_module, "has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(workspace_module, "TILE_BYTES", 8 * 4 * IN_FEATURES)
+    layer = make_layer(spec, seed=52)
+    x = random_input((MANY_ROWS, IN_FEATURES), seed=53)
+
+    codes = layer._weight_workspace(scaled=False, dtype=torch.bfloat16)
+    assert torch.equal(codes.float(), layer.weight_int().float())
+
+    output = layer(x)
+    rounded_input = x.to(torch.bfloat16).float()
+    exact = (rounded_input.double() @ layer.weight_int().double().T) * layer.weight_scale.double()
+    exact = exact + layer.bias.double()
+    # The float32 sum of IN_FEATURES products moves by at most IN_FEATURES u32 of the sum of
+    # their sizes, the bfloat16 output by u = eps / 2 of its size, and the float32 scale and
+    # bias steps by u32 of theirs each.
+    codes_exact = layer.weight_int().double()
+    matmul = (rounded_input.double() @ codes_exact.T).abs()
+    terms = rounded_input.double().abs() @ codes_exact.abs().T
+    u32 = torch.finfo(torch.float32).eps / 2
+    scale = layer.weight_scale.double().abs()
+    bound = scale * (BFLOAT16_EPS / 2 * matmul + IN_FEATURES * u32 * terms)
+    bound = bound + 2 * u32 * (exact.abs() + layer.bias.double().abs())
+    assert layer.kernel_for(x) == linear_module.BF16_WORKSPACE
+    assert bool(((output.double() - exact).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])

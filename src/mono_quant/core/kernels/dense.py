@@ -11,7 +11,8 @@ On a small call, the fixed cost of a kernel outweighs its arithmetic. Measured a
 So a layer whose weight has at most :data:`DENSE_MAX_WEIGHT` elements keeps the float32 weight
 that :meth:`~mono_quant.nn.quantized.QuantizedLayer.dequantized_weight` returns and runs float
 kernels on rounded inputs while a call has at most :data:`DENSE_MAX_MACS` multiply-accumulates.
-The output equals the reference path bit for bit, because the reference dequantizes the same
+Weight-only layers use the copy for larger calls too (:func:`weight_only_max_macs`). The
+output equals the reference path bit for bit, because the reference dequantizes the same
 weight and rounds the input the same way.
 
 NOTE: the copy costs 4 bytes per weight element in memory (256 KiB at most per layer) on top
@@ -19,6 +20,8 @@ of the stored codes. ``state_dict`` and saved files keep only the codes.
 """
 
 from __future__ import annotations
+
+import math
 
 # Largest weight, in elements, of which a layer keeps a float32 copy.
 DENSE_MAX_WEIGHT = 65_536
@@ -29,6 +32,29 @@ DENSE_MAX_WEIGHT = 65_536
 DENSE_MAX_MACS = 500_000
 
 
-def dense_applies(weight_numel: int, macs: int) -> bool:
-    """Return True when a weight of ``weight_numel`` elements serves ``macs`` from its copy."""
-    return weight_numel <= DENSE_MAX_WEIGHT and macs <= DENSE_MAX_MACS
+# Multiply-accumulates per call up to which the copy also serves weight-only layers on CPUs
+# with native bfloat16, where the bfloat16 workspace is the other choice. That matmul pays for
+# its fixed cost (about 40-60 us per call) only on large calls. Measured at one thread on
+# 512x128, 256x256, 128x512 and 64x1024 weights (Intel Xeon with AMX, torch 2.13). At 128
+# rows the copy was ahead or level: 119-197 us against 108-233 us. At 256 rows it was behind
+# for all but the 64-input layer: 225-333 us against 154-193 us.
+DENSE_WEIGHT_ONLY_MAX_MACS = 8 * 1024 * 1024
+
+
+def dense_applies(weight_numel: int, macs: int, max_macs: float = DENSE_MAX_MACS) -> bool:
+    """Return True when a weight of ``weight_numel`` elements serves ``macs`` from its copy.
+
+    Weight-only layers pass a larger ``max_macs`` (:func:`weight_only_max_macs`): for them the
+    copy runs the float model's own kernel, so only a faster matmul can beat it.
+    """
+    return weight_numel <= DENSE_MAX_WEIGHT and macs <= max_macs
+
+
+def weight_only_max_macs(bfloat16_workspace: bool) -> float:
+    """Return the MAC limit of the copy for a weight-only layer.
+
+    Without the bfloat16 workspace, no kernel beats float32 ``F.linear`` on a weight this
+    small, whatever the size of the call. With it, the copy serves calls up to
+    :data:`DENSE_WEIGHT_ONLY_MAX_MACS`.
+    """
+    return DENSE_WEIGHT_ONLY_MAX_MACS if bfloat16_workspace else math.inf
