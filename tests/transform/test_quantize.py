@@ -70,6 +70,19 @@ def test_quantize_output_close_to_float(model: MixedNet, preset: str, min_sqnr_d
     assert report.output_sqnr_db >= min_sqnr_db, f"{preset}: SQNR {report.output_sqnr_db:.1f} dB"
 
 
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-dynamic", "w8", "w4"])
+@pytest.mark.parametrize("layer", ["conv", "head"])
+def test_integer_input_names_layer(model: MixedNet, preset: str, layer: str) -> None:
+    # Casting the weight to an integer input's dtype would truncate it to zeros.
+    quantized = mq.quantize(model, preset, calibration_data=_batches())
+    shape = (4, 1, 8, 8) if layer == "conv" else (4, 8 * 64)
+    x = torch.randint(0, 16, shape)
+    name = "conv" if layer == "conv" else "head.0"
+
+    with torch.no_grad(), pytest.raises(TypeError, match=rf"'{name}' is torch.int64.*x\.float\(\)"):
+        getattr(quantized, layer)(x)
+
+
 def test_quantize_leaves_float_model_unchanged(model: MixedNet) -> None:
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 

@@ -325,14 +325,15 @@ class QuantizedLayer(nn.Module):
         NOTE: inputs are rounded and returned as floats (simulated int8), so the matmul runs in
         float. Layers with an integer kernel (``QuantLinear``) skip this on their fast path.
         """
-        if self.activations is None:
-            return x
         if not x.is_floating_point():
-            # Rounding an integer tensor onto the grid would silently return zeros.
+            # Rounding an integer tensor onto the grid, or casting the weight to its dtype,
+            # would silently return zeros.
             raise TypeError(
                 f"the input of {self.describe()} is {x.dtype}, but quantized layers take "
                 "floating-point inputs; convert it with x.float()."
             )
+        if self.activations is None:
+            return x
         if self.activations == "dynamic":
             if per_tensor:
                 return dynamic_quantize(x, STATIC_SPEC)
