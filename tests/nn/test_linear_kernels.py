@@ -643,7 +643,16 @@ def test_bf16_workspace_weight_equals_dequantized_weight(
     assert torch.equal(weight, layer.dequantized_weight(torch.bfloat16))
 
 
-@pytest.mark.parametrize("spec", [INT8_PER_CHANNEL, INT8_PER_TENSOR], ids=str)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        INT8_PER_CHANNEL,
+        INT8_PER_TENSOR,
+        QuantSpec(bits=4, granularity="per_channel"),
+        QuantSpec(bits=3, granularity="per_channel"),
+    ],
+    ids=str,
+)
 def test_bf16_workspace_exact_codes(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
     # Scales that factor out leave integer codes in the workspace, which bfloat16
     # represents exactly; only the input and the output are rounded to bfloat16.
