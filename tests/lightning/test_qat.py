@@ -330,6 +330,33 @@ def test_test_best_checkpoint_and_second_fit(tmp_path: Path) -> None:
     assert second.quantized_model is not None
 
 
+def test_same_trainer_tests_converted_model(tmp_path: Path) -> None:
+    # The README's flow: fit with QAT, then test the converted copy on the same Trainer.
+    L.seed_everything(0, verbose=False)
+    model = ConvNet()
+    callback = _qat(bits=8)
+    trainer = _trainer(tmp_path, [callback], max_epochs=1)
+    trainer.fit(model)
+    quantized = callback.quantized_model
+    layer_types = [type(module) for module in quantized.modules()]
+
+    tested = trainer.test(quantized, verbose=False)
+    validated = trainer.validate(quantized, verbose=False)
+
+    assert 0.0 <= tested[0]["test_acc"] <= 1.0
+    assert "val_loss" in validated[0]
+    assert [type(module) for module in quantized.modules()] == layer_types
+
+
+def test_fit_rejects_converted_model(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    callback = _qat(bits=8)
+    _trainer(tmp_path, [callback], max_epochs=1).fit(ConvNet())
+
+    with pytest.raises(ValueError, match=r"already converted to integer layers.*float"):
+        _trainer(tmp_path, [_qat(bits=8)], max_epochs=1).fit(callback.quantized_model)
+
+
 def test_bf16_mixed_keeps_float32_scales(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     model = ConvNet()

@@ -219,7 +219,8 @@ class QuantizeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Runs before checkpoint weights are restored and before optimizers and DDP are set up,
         # so a resumed run loads its fake-quant state strictly and trains the same Parameters.
-        # Every stage prepares, so test/validate/predict with a QAT checkpoint also load strictly.
+        # Every stage prepares a float model, so test/validate/predict with a QAT checkpoint
+        # also load strictly.
         if self.mode != "qat":
             return
         state = get_state(pl_module)
@@ -227,9 +228,17 @@ class QuantizeCallback(Callback):
             options = self.qat_options
             prepare_qat(pl_module, self.config, options.learnable_scale, options.fold_bn)
         elif state.mode != "qat":
+            # A quantized model, such as callback.quantized_model, is what test, validate and
+            # predict should run as it is.
+            if stage != "fit":
+                return
+            stage_done = (
+                "converted to integer layers" if state.report is not None else "prepared for PTQ"
+            )
             raise ValueError(
-                f"{type(pl_module).__name__} was already quantized for PTQ; QAT needs the float "
-                "model."
+                f"{type(pl_module).__name__} was already {stage_done}, and QAT training needs the "
+                "float model: pass the float LightningModule to trainer.fit, or evaluate this "
+                "one with trainer.test or trainer.validate."
             )
 
     @override
