@@ -204,3 +204,42 @@ def test_rnn_rejects_wrong_state_shape() -> None:
 
     with pytest.raises(ValueError, match=r"initial state has shape \(1, 3, 8\)"):
         layer(sequence({}, seed=19), torch.zeros(1, 3, HIDDEN_SIZE))
+
+
+ACTIVATIONS = [pytest.param(None, id="weight_only"), pytest.param("dynamic", id="dynamic")]
+
+
+@pytest.mark.parametrize("activations", ACTIVATIONS)
+@pytest.mark.parametrize("rnn_type", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("features", [INPUT_SIZE - 1, INPUT_SIZE + 1])
+def test_rnn_rejects_wrong_input_size(rnn_type, activations, features: int) -> None:
+    # torch's fused LSTM operator returns a result for such inputs, unlike nn.LSTM.
+    layer = QUANTIZED[rnn_type].from_float(float_rnn(rnn_type, {}, seed=20), INT8, activations)
+    x = torch.randn(STEPS, BATCH, features)
+
+    with torch.no_grad(), pytest.raises(ValueError, match=f"{features} features.*input_size=6"):
+        layer(x)
+
+
+@pytest.mark.parametrize("activations", ACTIVATIONS)
+def test_rnn_rejects_integer_input(activations) -> None:
+    layer = QuantLSTM.from_float(float_rnn(nn.LSTM, {}, seed=21), INT8, activations)
+    x = torch.randint(0, 4, (STEPS, BATCH, INPUT_SIZE))
+
+    with torch.no_grad(), pytest.raises(TypeError, match=r"torch\.int64.*x\.float\(\)"):
+        layer(x)
+
+
+@pytest.mark.parametrize("activations", ACTIVATIONS)
+@pytest.mark.parametrize(("rnn_type", "kwargs"), RNN_CASES)
+def test_rnn_empty_batch_like_float(rnn_type, kwargs: dict, activations) -> None:
+    rnn = float_rnn(rnn_type, kwargs, seed=22)
+    layer = QUANTIZED[rnn_type].from_float(rnn, INT8, activations)
+    shape = (0, STEPS, INPUT_SIZE) if kwargs.get("batch_first") else (STEPS, 0, INPUT_SIZE)
+    x = torch.randn(shape)
+
+    with torch.no_grad():
+        output, _ = layer(x)
+        expected, _ = rnn(x)
+
+    assert output.shape == expected.shape
