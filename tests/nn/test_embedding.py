@@ -162,3 +162,40 @@ def test_embedding_bag_per_sample_weights() -> None:
         expected = bag(indices, per_sample_weights=weights)
 
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-6)
+
+
+INT8_ROWS = QuantSpec(bits=8, granularity="per_channel")
+
+
+@pytest.mark.parametrize("bad", [-1, -40, 40])
+def test_embedding_rejects_out_of_range_index(bad: int) -> None:
+    # Indexing the unpacked rows would read row -1 as the last row instead of raising.
+    layer = QuantEmbedding.from_float(seeded_embedding(seed=30), INT8_ROWS)
+    indices = torch.tensor([[bad, 0]])
+
+    with pytest.raises(IndexError, match=rf"index {bad}, outside the table's 40 rows"):
+        layer(indices)
+
+
+@pytest.mark.parametrize("bad", [-1, 40])
+def test_embedding_bag_rejects_out_of_range_index(bad: int) -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(31)
+        bag = nn.EmbeddingBag(40, 24, mode="sum")
+    layer = QuantEmbeddingBag.from_float(bag, INT8_ROWS)
+    indices = torch.tensor([bad, 0, 5])
+    offsets = torch.tensor([0, 2])
+
+    with pytest.raises(IndexError, match=rf"index {bad}, outside"):
+        layer(indices, offsets)
+
+
+def test_embedding_empty_input_like_float() -> None:
+    embedding = seeded_embedding(seed=32)
+    bag = nn.EmbeddingBag(40, 24, mode="mean")
+    quantized = QuantEmbedding.from_float(embedding, INT8_ROWS)
+    quantized_bag = QuantEmbeddingBag.from_float(bag, INT8_ROWS)
+    indices = torch.zeros(0, 3, dtype=torch.long)
+
+    assert quantized(indices).shape == embedding(indices).shape
+    assert quantized_bag(indices).shape == bag(indices).shape

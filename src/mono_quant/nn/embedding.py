@@ -29,10 +29,25 @@ def _check_row_spec(layer: str, spec: QuantSpec) -> None:
 
 def _unique_rows(
     layer: QuantizedLayer, indices: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the dequantized rows that ``indices`` reads and ``indices`` remapped onto them."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the indices ``indices`` reads, their dequantized rows, and ``indices`` remapped.
+
+    Raises IndexError for an index outside the table, as ``F.embedding`` does on the float
+    table: indexing the unpacked rows would otherwise read row ``-1`` as the last row.
+    """
     unique, inverse = torch.unique(indices, return_inverse=True)
-    return layer.dequantized_rows(unique, dtype), inverse
+    table_rows = layer.weight_shapes["weight"][0]
+    if unique.numel() == 0:
+        shape = (0, *layer.weight_shapes["weight"][1:])
+        return unique, torch.empty(shape, dtype=dtype, device=indices.device), inverse
+    low, high = int(unique[0]), int(unique[-1])
+    if low < 0 or high >= table_rows:
+        bad = low if low < 0 else high
+        raise IndexError(
+            f"the input of {layer.describe()} contains index {bad}, outside the table's "
+            f"{table_rows} rows; indices must lie in [0, {table_rows})."
+        )
+    return unique, layer.dequantized_rows(unique, dtype), inverse
 
 
 class _QuantEmbeddingBase(QuantizedLayer):
@@ -100,7 +115,7 @@ class QuantEmbedding(_QuantEmbeddingBase):
     _float_type = nn.Embedding
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        rows, inverse = _unique_rows(self, input, torch.float32)
+        _, rows, inverse = _unique_rows(self, input, torch.float32)
         # F.embedding applies max_norm to the rows it receives, here a temporary copy.
         return F.embedding(inverse, rows, None, self.max_norm, self.norm_type)
 
@@ -153,8 +168,7 @@ class QuantEmbeddingBag(_QuantEmbeddingBase):
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = torch.float32 if per_sample_weights is None else per_sample_weights.dtype
-        unique, inverse = torch.unique(input, return_inverse=True)
-        rows = self.dequantized_rows(unique, dtype)
+        unique, rows, inverse = _unique_rows(self, input, dtype)
         padding_idx = None
         if self.padding_idx is not None:
             # padding_idx removes entries from their bag, so it is remapped onto the gathered
