@@ -13,6 +13,7 @@ quantized layers skip their fast kernels and compute the reference output bit fo
 from mono_quant.api import quantize
 from mono_quant.config import PRESETS, QuantConfig
 from mono_quant.core.kernels import reference_kernels
+from mono_quant.core.qparams import NonFiniteError
 from mono_quant.evaluate import (
     BudgetReport,
     ComparisonReport,
@@ -41,6 +42,7 @@ __all__ = [
     "BudgetReport",
     "ComparisonReport",
     "LayerReport",
+    "NonFiniteError",
     "QuantConfig",
     "QuantizationReport",
     "SensitivityReport",

@@ -83,6 +83,15 @@ def test_integer_input_names_layer(model: MixedNet, preset: str, layer: str) -> 
         getattr(quantized, layer)(x)
 
 
+def test_dynamic_nan_input_raises_public_error(model: MixedNet) -> None:
+    quantized = mq.quantize(model, "w8a8-dynamic")
+    x = torch.randn(4, 8 * 64)
+    x[1, 3] = math.nan
+
+    with torch.no_grad(), pytest.raises(mq.NonFiniteError, match=r"QuantLinear 'head\.0'"):
+        quantized.head(x)
+
+
 def test_quantize_leaves_float_model_unchanged(model: MixedNet) -> None:
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 

@@ -36,6 +36,10 @@ def _unique_rows(
     table: indexing the unpacked rows would otherwise read row ``-1`` as the last row.
     """
     unique, inverse = torch.unique(indices, return_inverse=True)
+    if torch.compiler.is_compiling():
+        # A traced graph cannot branch on index values; the float operators it records check
+        # the range when the program runs.
+        return unique, layer.dequantized_rows(unique, dtype), inverse
     table_rows = layer.weight_shapes["weight"][0]
     if unique.numel() == 0:
         shape = (0, *layer.weight_shapes["weight"][1:])
