@@ -97,19 +97,22 @@ def test_export_dynamic_activations_raise(tmp_path) -> None:
     assert not (tmp_path / "model.pt2").exists()
 
 
-def test_export_packed_embedding_names_override(tmp_path) -> None:
+@pytest.mark.parametrize("module", [nn.Embedding(100, 16), nn.EmbeddingBag(100, 16)])
+def test_export_packed_embedding_checks_range(module: nn.Module, tmp_path) -> None:
+    # The traced graph looks rows up in the whole dequantized table, so 4-bit codes export
+    # and out-of-range indices raise in the program as they do in the float layer.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(100, 16))
+    model = nn.Sequential(module).eval()
     tokens = torch.randint(0, 100, (2, 5))
+    other = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(1))
     quantized = mq.quantize(model, "w4")
 
-    with pytest.raises(ValueError, match=r"Embeddings \['0'\] store codes in fewer than 8 bits"):
-        mq.export(quantized, (tokens,), tmp_path / "w4.pt2")
+    path = mq.export(quantized, (tokens,), tmp_path / "w4.pt2")
+    program = torch.export.load(path).module()
 
-    # The override that the message suggests makes the model export.
-    config = mq.QuantConfig(bits=4, group_size=32, overrides={"0": {"bits": 8}})
-    path = mq.export(mq.quantize(model, config), (tokens,), tmp_path / "w8.pt2")
-    assert path.exists()
+    assert torch.equal(program(other), quantized(other))
+    with pytest.raises((IndexError, RuntimeError), match=r"out of range|not in the valid range"):
+        program(torch.tensor([[-1, 0, 1, 2, 3], [4, 5, 6, 7, 8]]))
 
 
 def test_export_restores_training_flags(tmp_path) -> None:

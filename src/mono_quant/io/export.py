@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from mono_quant.core.kernels import reference_kernels
-from mono_quant.nn.embedding import QuantEmbedding, QuantEmbeddingBag
-from mono_quant.nn.quantized import QuantizedLayer, container_bits
+from mono_quant.nn.quantized import QuantizedLayer
 
 
 def _as_args(example_inputs: Any) -> tuple[Any, ...]:
@@ -47,15 +46,6 @@ def _dynamic_layers(model: nn.Module) -> list[str]:
     ]
 
 
-def _packed_embeddings(model: nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, (QuantEmbedding, QuantEmbeddingBag))
-        and container_bits(module.weight_spec.bits) < 8
-    ]
-
-
 def export(
     model: nn.Module,
     example_inputs: Any,
@@ -81,8 +71,7 @@ def export(
         TypeError: when ``model`` is not an ``nn.Module``.
         ValueError: when ``torch.export`` cannot trace the model. NOTE: layers with dynamic
             activations compute their qparams with a data-dependent finiteness check that
-            ``torch.export`` rejects, so W8A8-dynamic models do not export yet, and embeddings
-            with codes of 4 bits or fewer fail on a data-dependent shape (torch 2.13).
+            ``torch.export`` rejects, so W8A8-dynamic models do not export yet.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -94,19 +83,12 @@ def export(
             program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
         except Exception as error:
             dynamic = _dynamic_layers(model)
-            packed = _packed_embeddings(model)
             hint = ""
             if dynamic:
                 hint += (
                     f" Layers {dynamic} use dynamic activations, whose qparams are computed "
                     "with a data-dependent check that torch.export cannot trace; export a "
                     "static (w8a8) or weight-only model instead."
-                )
-            if packed:
-                hint += (
-                    f" Embeddings {packed} store codes in fewer than 8 bits, whose row lookup "
-                    "torch.export cannot trace (torch 2.13); keep them at 8 bits, for example "
-                    f"with QuantConfig(overrides={{{packed[0]!r}: {{'bits': 8}}}})."
                 )
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ValueError(

@@ -36,10 +36,6 @@ def _unique_rows(
     table: indexing the unpacked rows would otherwise read row ``-1`` as the last row.
     """
     unique, inverse = torch.unique(indices, return_inverse=True)
-    if torch.compiler.is_compiling():
-        # A traced graph cannot branch on index values; the float operators it records check
-        # the range when the program runs.
-        return unique, layer.dequantized_rows(unique, dtype), inverse
     table_rows = layer.weight_shapes["weight"][0]
     if unique.numel() == 0:
         shape = (0, *layer.weight_shapes["weight"][1:])
@@ -119,6 +115,10 @@ class QuantEmbedding(_QuantEmbeddingBase):
     _float_type = nn.Embedding
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # A traced graph cannot check index values in Python; F.embedding on the whole
+            # table checks them when the program runs.
+            return self.forward_reference(input)
         _, rows, inverse = _unique_rows(self, input, torch.float32)
         # F.embedding applies max_norm to the rows it receives, here a temporary copy.
         return F.embedding(inverse, rows, None, self.max_norm, self.norm_type)
@@ -171,6 +171,9 @@ class QuantEmbeddingBag(_QuantEmbeddingBase):
         offsets: torch.Tensor | None = None,
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # As in QuantEmbedding: the traced graph checks the range in F.embedding_bag.
+            return self.forward_reference(input, offsets, per_sample_weights)
         dtype = torch.float32 if per_sample_weights is None else per_sample_weights.dtype
         unique, rows, inverse = _unique_rows(self, input, dtype)
         padding_idx = None
