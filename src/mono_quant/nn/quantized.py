@@ -316,6 +316,16 @@ class QuantizedLayer(nn.Module):
                 if tensor is not None:
                     yield tensor
 
+    def check_floating_input(self, x: torch.Tensor) -> None:
+        """Raise a TypeError naming this layer when ``x`` is not a floating-point tensor."""
+        if not x.is_floating_point():
+            # Rounding an integer tensor onto the grid, or casting the weight to its dtype,
+            # would silently return zeros.
+            raise TypeError(
+                f"the input of {self.describe()} is {x.dtype}, but quantized layers take "
+                "floating-point inputs; convert it with x.float()."
+            )
+
     def quantize_input(self, x: torch.Tensor, per_tensor: bool = False) -> torch.Tensor:
         """Round ``x`` to the activation grid of this layer, or return it unchanged.
 
@@ -325,13 +335,7 @@ class QuantizedLayer(nn.Module):
         NOTE: inputs are rounded and returned as floats (simulated int8), so the matmul runs in
         float. Layers with an integer kernel (``QuantLinear``) skip this on their fast path.
         """
-        if not x.is_floating_point():
-            # Rounding an integer tensor onto the grid, or casting the weight to its dtype,
-            # would silently return zeros.
-            raise TypeError(
-                f"the input of {self.describe()} is {x.dtype}, but quantized layers take "
-                "floating-point inputs; convert it with x.float()."
-            )
+        self.check_floating_input(x)
         if self.activations is None:
             return x
         if self.activations == "dynamic":

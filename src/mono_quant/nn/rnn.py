@@ -220,11 +220,7 @@ class _QuantRNNBase(QuantizedLayer):
 
     def _check_input(self, data: torch.Tensor) -> None:
         """Raise for inputs the float layer rejects but the fused kernels would run."""
-        if not data.is_floating_point():
-            raise TypeError(
-                f"the input of {self.describe()} is {data.dtype}, but quantized layers take "
-                "floating-point inputs; convert it with x.float()."
-            )
+        self.check_floating_input(data)
         # torch's fused LSTM operator (2.13) returned a result for inputs of the wrong width,
         # where the float layer raises, because nn.LSTM checks the width before calling it.
         if data.dim() >= 1 and data.size(-1) != self.input_size:
@@ -265,13 +261,13 @@ class _QuantRNNBase(QuantizedLayer):
 
     @names_layer_in_input_errors
     def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
-        kernel = self.kernel_for(input, hx)
         data = input.data if isinstance(input, PackedSequence) else input
         if data.numel() == 0:
-            # Nothing to quantize: torch's fused operator on the dequantized weights returns
-            # the empty output (or raises for an empty sequence) as the float layer does, where
-            # the step loops would fail to reshape.
+            # Nothing to quantize. torch's fused operator on the dequantized weights returns the
+            # empty output, or raises for an empty sequence, as the float layer does. The step
+            # loops would fail to reshape.
             return self._run(input, hx, self._fused_core)
+        kernel = self.kernel_for(input, hx)
         if kernel == "fused":
             plan = self._plan()
             core = functools.partial(self._fused_core, weights=self._workspace_flat(plan, input))
