@@ -46,6 +46,8 @@ def fast_paths_enabled(x: torch.Tensor) -> bool:
     # One switch for every layer: mono_quant.reference_kernels(), MONO_QUANT_KERNELS and tracing.
     if not fast_kernels_enabled():
         return False
+    # NOTE: CUDA inputs take every layer's reference path here. That path has run on CPU only,
+    # because no GPU was available to this project.
     if x.device.type != "cpu":
         return False
     return not (x.requires_grad and torch.is_grad_enabled())
