@@ -168,7 +168,7 @@ INT8_ROWS = QuantSpec(bits=8, granularity="per_channel")
 
 
 @pytest.mark.parametrize("bad", [-1, -40, 40])
-def test_embedding_rejects_out_of_range_index(bad: int) -> None:
+def test_embedding_rejects_bad_index(bad: int) -> None:
     # Indexing the unpacked rows would read row -1 as the last row instead of raising.
     layer = QuantEmbedding.from_float(seeded_embedding(seed=30), INT8_ROWS)
     indices = torch.tensor([[bad, 0]])
@@ -178,7 +178,7 @@ def test_embedding_rejects_out_of_range_index(bad: int) -> None:
 
 
 @pytest.mark.parametrize("bad", [-1, 40])
-def test_embedding_bag_rejects_out_of_range_index(bad: int) -> None:
+def test_bag_rejects_bad_index(bad: int) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(31)
         bag = nn.EmbeddingBag(40, 24, mode="sum")

@@ -655,7 +655,7 @@ def test_bf16_workspace_weight_equals_dequantized_weight(
 )
 def test_bf16_workspace_exact_codes(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
     # Scales that factor out leave integer codes in the workspace, which bfloat16
-    # represents exactly; only the input and the output are rounded to bfloat16.
+    # represents exactly. Only the input and the output are rounded to bfloat16.
     monkeypatch.setattr(linear_module, "has_native_bfloat16", lambda: True)
     monkeypatch.setattr(workspace_module, "TILE_BYTES", 8 * 4 * IN_FEATURES)
     layer = make_layer(spec, seed=52)
